@@ -1,0 +1,126 @@
+"""The service's settings as typed, immutable values.
+
+`authz.config.loader` builds these from a YAML file (see README "Configuration reference");
+everything else in the package receives them already validated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# RFC 7518 asymmetric algorithms. Symmetric (HS*) ones are never a default: a verifier that
+# accepts HS256 can be fooled by a token "signed" with the issuer's *public* key as secret.
+ASYMMETRIC_ALGORITHMS: tuple[str, ...] = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    # 9000: the port Istio's ext-authz samples use for the gRPC provider.
+    grpc_port: int = 9000
+    # 9464: the OpenTelemetry Prometheus exporter's customary port. 0 disables the endpoint.
+    metrics_port: int = 9464
+    # 0 means one worker process per CPU.
+    workers: int = 0
+    # After SIGTERM: health turns NOT_SERVING at once; new connections are refused only after
+    # this delay so readiness probes and Envoy's outlier detection can move traffic away.
+    drain_delay: float = 2.0
+    # In-flight checks get this long to finish (keep below terminationGracePeriodSeconds).
+    shutdown_grace: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerSettings:
+    issuer: str
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    pem_file: str | None = None
+    algorithms: tuple[str, ...] = ASYMMETRIC_ALGORITHMS
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    issuers: tuple[IssuerSettings, ...] = ()
+    audience: str = "ml-inference-api"
+    # Clock skew tolerated for exp/nbf/iat. Small on purpose: every second of leeway is a
+    # second an expired token still works.
+    leeway: float = 5.0
+    # A real RS256 access token is ~0.8-2 KB; 8 KB leaves room for fat claims while refusing
+    # megabyte "tokens" before any base64 or JSON work is done on them.
+    max_token_bytes: int = 8192
+    # Verified-claims cache entries (each ~250 bytes): bounds memory under many distinct tokens.
+    token_cache_size: int = 50_000
+    # An unknown `kid` triggers a JWKS refetch at most this often per issuer, so a flood of
+    # forged kids cannot turn into a flood of requests to the identity provider.
+    jwks_refresh_min_interval: float = 30.0
+    # Keys are also refreshed on this period in the background (key rotation without new kids).
+    jwks_refresh_interval: float = 300.0
+    jwks_timeout: float = 2.0
+    # At startup, an unreachable JWKS either stops the process ("fail") or leaves it
+    # NOT_SERVING while it retries ("retry").
+    on_jwks_unavailable: Literal["fail", "retry"] = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    # Empty: the in-memory store (one replica, development). Env AUTHZ_REDIS_URL overrides.
+    redis_url: str = ""
+    key_prefix: str = "authz:"
+    # Every Redis call is bounded. 50 ms is well under the 200 ms-1 s check timeout we
+    # recommend for the mesh provider, so a slow Redis yields our answer, not Envoy's.
+    timeout: float = 0.05
+    # What a decision is when the store fails: "deny" (503) or "allow" (marked with a header).
+    on_error: Literal["deny", "allow"] = "deny"
+    # Upper bound on decisions coalesced into one pipelined write.
+    max_batch: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class PathSettings:
+    protected_prefixes: tuple[str, ...] = ("/v1/models/", "/v2/models/")
+    public_paths: tuple[str, ...] = (
+        "/health", "/ready", "/v2/health/live", "/v2/health/ready",
+        "/v1/health", "/healthz", "/readyz",
+    )
+    # Any other path: "deny" (403) or "allow" (no token needed, nothing charged).
+    other: Literal["deny", "allow"] = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSettings:
+    # Identity headers set for the upstream on allow; client-sent copies are overwritten.
+    subject: str = "x-auth-subject"
+    issuer: str = "x-auth-issuer"
+    plan: str = "x-auth-plan"
+    # Set on requests let through because the store failed under on_error: allow.
+    degraded: str = "x-authz-degraded"
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    # Span attribute for the subject: "none" or "hashed" (salted SHA-256, first 16 hex chars).
+    subject_attribute: Literal["none", "hashed"] = "hashed"
+    subject_salt: str = ""
+    # Log level of the one-line-per-deny log, and at most this many deny lines per second.
+    deny_log_level: str = "INFO"
+    deny_log_rate: float = 20.0
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    headers: HeaderSettings = field(default_factory=HeaderSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    # Path of the quota file (resolved relative to the config file), or None for the embedded
+    # default quota.
+    quota_file: str | None = None
+    # Internal failures (a bug) get this status; never an allow.
+    internal_error_status: int = 500

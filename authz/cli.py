@@ -1,0 +1,240 @@
+"""The `authz` command: serve, check-config, check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config.errors import ConfigError
+from .config.loader import load_settings
+from .config.settings import Settings
+
+log = logging.getLogger("authz")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="authz", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the Envoy ext_authz gRPC service")
+    serve.add_argument("--config", default=os.environ.get("AUTHZ_CONFIG"),
+                       help="config file (default: $AUTHZ_CONFIG, else the embedded defaults)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="worker processes sharing the port (default: server.workers; "
+                            "0 = one per CPU)")
+    serve.add_argument("--grpc-port", type=int, default=None, help="override server.grpc_port")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="override server.metrics_port (0 disables)")
+    serve.add_argument("--dev", action="store_true",
+                       help="DEVELOPMENT ONLY: trust an ephemeral in-memory signing key and "
+                            "print tokens signed with it")
+
+    check_config = sub.add_parser("check-config", help="validate a config or quota file")
+    check_config.add_argument("file")
+
+    check = sub.add_parser("check", help="send one Check to a running service and print the "
+                                         "answer")
+    check.add_argument("--target", default="127.0.0.1:9000")
+    check.add_argument("--token", default=None)
+    check.add_argument("--path", default="/v1/models/example:predict")
+    check.add_argument("--method", default="POST")
+    check.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+
+    demo = sub.add_parser("demo", help="service + a real Envoy + a model stand-in, ready for curl")
+    demo.add_argument("--redis-url", default=None, help="use this Redis (default: in-memory)")
+    demo.add_argument("--http-port", type=int, default=8080, help="Envoy's listener port")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    if args.command == "check":
+        return _check(args)
+    if args.command == "demo":
+        from .demo.run import run_demo
+
+        return run_demo(redis_url=args.redis_url, http_port=args.http_port)
+    return 2
+
+
+def _configure_logging(settings: Settings) -> None:
+    try:
+        from .telemetry import configure_logging
+    except ImportError:  # pragma: no cover - telemetry is part of the package
+        logging.basicConfig(level=settings.telemetry.log_level, stream=sys.stderr)
+        return
+    configure_logging(settings)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .quota import load_quota
+    from .server.workers import EXIT_STARTUP, supervise, worker_index
+
+    try:
+        settings = load_settings(args.config)
+        server = settings.server
+        changes: dict[str, Any] = {}
+        if args.grpc_port is not None:
+            changes["grpc_port"] = args.grpc_port
+        if args.metrics_port is not None:
+            changes["metrics_port"] = args.metrics_port
+        if args.workers is not None:
+            changes["workers"] = args.workers
+        server = dataclasses.replace(server, **changes)
+        settings = dataclasses.replace(settings, server=server)
+        quota = load_quota(settings.quota_file)
+    except ConfigError as e:
+        print(f"authz: configuration error: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    _configure_logging(settings)
+
+    if not settings.auth.issuers and not args.dev:
+        print("authz: no issuers configured: give a config file with auth.issuers "
+              "(--config FILE or AUTHZ_CONFIG; see README 'Configuration'), or try it with "
+              "--dev", file=sys.stderr)
+        return EXIT_STARTUP
+
+    workers = server.workers or os.cpu_count() or 1
+    if args.dev:
+        workers = 1  # the dev key lives in one process's memory; tokens must verify anywhere
+    if workers > 1 and "AUTHZ_WORKER_INDEX" not in os.environ:
+        worker_argv = ["serve", "--workers", "1"]
+        if args.config:
+            worker_argv += ["--config", args.config]
+        if args.grpc_port is not None:
+            worker_argv += ["--grpc-port", str(args.grpc_port)]
+        if args.metrics_port is not None:
+            worker_argv += ["--metrics-port", str(args.metrics_port)]
+        log.info("starting workers", extra={"workers": workers})
+        return supervise(worker_argv, workers, grace_s=server.drain_delay + server.shutdown_grace)
+
+    index = worker_index()
+    if index and server.metrics_port:
+        # Each worker has its own counters: worker i serves them on metrics_port + i.
+        settings = dataclasses.replace(
+            settings, server=dataclasses.replace(server, metrics_port=server.metrics_port + index))
+    return _run_one(settings, quota, dev=args.dev)
+
+
+def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
+    from .server.app import serve
+
+    static_issuers: dict[str, Any] = {}
+    on_serving = None
+    if dev:
+        from .tokens.devsigner import DEV_ISSUER, DevSigner
+
+        signer = DevSigner()
+        static_issuers[DEV_ISSUER] = signer.jwks
+
+        def on_serving(server: Any) -> None:
+            _print_dev_banner(signer, server.port)
+
+    telemetry = _telemetry(settings)
+    try:
+        runner: Any = asyncio.run
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            pass
+        return int(runner(serve(settings, quota, static_issuers=static_issuers,
+                                telemetry=telemetry, on_serving=on_serving)))
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
+
+
+def _telemetry(settings: Settings) -> Any:
+    try:
+        from .telemetry import Telemetry, log_effective_config
+    except ImportError:  # pragma: no cover
+        return None
+    log_effective_config(settings)
+    telemetry = Telemetry.from_settings(settings)
+    telemetry.start()
+    return telemetry
+
+
+def _print_dev_banner(signer: Any, port: int) -> None:
+    alice = signer.mint("alice", plan="free")
+    bob = signer.mint("bob", plan="pro")
+    print(
+        "\n"
+        "  DEVELOPMENT MODE: tokens below are signed by an ephemeral key that exists only in\n"
+        "  this process. Never use --dev in production.\n\n"
+        f"  Check service listening on 127.0.0.1:{port}\n\n"
+        f"  alice (plan free):  {alice}\n\n"
+        f"  bob   (plan pro):   {bob}\n\n"
+        "  Try it:\n"
+        f"    authz check --target 127.0.0.1:{port} --token {alice[:16]}...(paste alice's token)\n"
+        f"    authz check --target 127.0.0.1:{port}            # no token -> 401\n",
+        file=sys.stderr, flush=True,
+    )
+
+
+def _check_config(file: str) -> int:
+    from .config.reader import Node, load_yaml
+    from .quota import load_quota, parse_quota
+
+    try:
+        data = load_yaml(file)
+        if isinstance(data, dict) and "plans" in data:
+            quota = parse_quota(data, file)
+            print(f"{file}: OK (quota: {len(quota.plans)} plans incl. built-ins, "
+                  f"{len(quota.overrides)} overrides, default plan {quota.default_plan!r})")
+            return 0
+        Node.root(file, data)
+        settings = load_settings(file, env={})
+        quota = load_quota(settings.quota_file)
+    except ConfigError as e:
+        print(f"authz: {e}", file=sys.stderr)
+        return 1
+    store = "redis" if settings.store.redis_url else "in-memory"
+    print(f"{file}: OK (config: {len(settings.auth.issuers)} issuers, store {store}, "
+          f"quota {settings.quota_file or '<embedded default>'}: {len(quota.plans)} plans)")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2 as pb
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+
+    headers = {":path": args.path, ":method": args.method, ":authority": "models.local"}
+    if args.token:
+        headers["authorization"] = f"Bearer {args.token}"
+    for item in args.header:
+        name, _, value = item.partition("=")
+        headers[name.lower()] = value
+    req = pb.CheckRequest()
+    http = req.attributes.request.http
+    http.path, http.method, http.host = args.path, args.method, "models.local"
+    http.headers.update(headers)
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            resp = pb_grpc.AuthorizationStub(channel).Check(req, timeout=5)
+        except grpc.RpcError as e:
+            print(f"authz: Check failed: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if resp.status.code == 0:
+        print("ALLOW 200")
+        for h in resp.ok_response.headers:
+            print(f"  upstream  {h.header.key}: {h.header.value}")
+        for h in resp.ok_response.response_headers_to_add:
+            print(f"  client    {h.header.key}: {h.header.value}")
+        return 0
+    d = resp.denied_response
+    print(f"DENY {d.status.code}")
+    for h in d.headers:
+        print(f"  client    {h.header.key}: {h.header.value}")
+    print(f"  body      {d.body}")
+    return 0

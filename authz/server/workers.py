@@ -1,0 +1,92 @@
+"""`authz serve --workers N`: N single-process servers on one port, supervised.
+
+Python runs one decision at a time per process, so one process uses one core. Each worker is a
+fresh interpreter (not a fork: grpc and event loops do not survive fork) with its own event
+loop and Redis connection; the kernel spreads connections across them (SO_REUSEPORT).
+The supervisor restarts a worker that dies, forwards SIGTERM/SIGINT so all drain together,
+and exits once they have. A worker that fails to *start* (exit status 2: bad keys, store,
+port) is not restarted: the supervisor stops the others and exits with that status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+EXIT_STARTUP = 2
+# A worker that keeps dying is restarted at most this often, so a crash loop does not spin.
+_RESTART_BACKOFF_S = 1.0
+
+
+def worker_index() -> int:
+    """This process's worker number (0 when not supervised)."""
+    try:
+        return int(os.environ.get("AUTHZ_WORKER_INDEX", "0"))
+    except ValueError:
+        return 0
+
+
+def supervise(worker_argv: Sequence[str], workers: int, *, grace_s: float) -> int:
+    """Run `workers` copies of `python -m authz <worker_argv>`; returns the exit status."""
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+    signals_seen = 0
+
+    def spawn(i: int) -> None:
+        env = dict(os.environ, AUTHZ_WORKER_INDEX=str(i))
+        procs[i] = subprocess.Popen([sys.executable, "-m", "authz", *worker_argv], env=env)
+        log.info("worker started", extra={"worker": i, "pid": procs[i].pid})
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping, signals_seen
+        signals_seen += 1
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL if signals_seen > 1 else signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(workers):
+        spawn(i)
+
+    status = 0
+    last_restart = 0.0
+    deadline: float | None = None
+    while procs:
+        time.sleep(0.1)
+        if stopping and deadline is None:
+            deadline = time.monotonic() + grace_s + 5.0
+        for i, p in list(procs.items()):
+            code = p.poll()
+            if code is None:
+                continue
+            del procs[i]
+            if stopping:
+                status = status or (code if code > 0 else 0)
+                continue
+            if code == EXIT_STARTUP:
+                log.error("worker could not start; stopping the others", extra={"worker": i})
+                status = EXIT_STARTUP
+                stopping = True
+                for q in procs.values():
+                    q.send_signal(signal.SIGTERM)
+                continue
+            log.error("worker died; restarting", extra={"worker": i, "exit_status": code})
+            wait = last_restart + _RESTART_BACKOFF_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            last_restart = time.monotonic()
+            spawn(i)
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs.values():
+                p.kill()
+    return status

@@ -112,7 +112,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             self.responses.prebuild(d)
         self._internal = to_check_response(maker.internal_error())
 
-    async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:  # noqa: N802
+    async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
         telemetry = self.telemetry
         scope = None
         try:

@@ -1,0 +1,114 @@
+"""The config loader: defaults, every key read, errors that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from authz.config.errors import ConfigError
+from authz.config.loader import DEV_ISSUER, load_settings, parse_settings
+from authz.config.settings import Settings
+
+
+def parse(text: str, tmp_path: Path) -> Settings:
+    f = tmp_path / "config.yaml"
+    f.write_text(text)
+    return load_settings(f, env={})
+
+
+def error(text: str, tmp_path: Path) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse(text, tmp_path)
+    return str(e.value)
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert parse("", tmp_path) == Settings()
+
+
+def test_no_file_gives_defaults() -> None:
+    s = load_settings(None, env={})
+    assert s.server.grpc_port == 9000
+    assert s.auth.audience == "ml-inference-api"
+    assert s.store.redis_url == ""
+
+
+def test_full_config(tmp_path: Path) -> None:
+    s = parse(
+        """
+server: {grpc_port: 9100, metrics_port: 0, workers: 2, drain_delay: 500ms, shutdown_grace: 10s}
+auth:
+  audience: my-api
+  leeway: 2s
+  issuers:
+    - issuer: https://idp.example.com
+      jwks_url: https://idp.example.com/jwks.json
+      algorithms: [RS256, ES256]
+    - issuer: https://other.example.com
+      jwks_file: keys/jwks.json
+store: {redis_url: "redis://localhost:6380/1", timeout: 20ms, on_error: allow, key_prefix: "rl:"}
+paths: {protected_prefixes: [/v1/models/], public_paths: [/healthz], other: allow}
+headers: {subject: X-User}
+quota_file: quota.yaml
+""",
+        tmp_path,
+    )
+    assert s.server.grpc_port == 9100 and s.server.workers == 2
+    assert s.server.drain_delay == pytest.approx(0.5)
+    assert s.auth.leeway == 2.0 and s.auth.audience == "my-api"
+    assert s.auth.issuers[0].algorithms == ("RS256", "ES256")
+    assert s.auth.issuers[1].jwks_file == str(tmp_path / "keys/jwks.json")
+    assert s.store.timeout == pytest.approx(0.02) and s.store.on_error == "allow"
+    assert s.paths.other == "allow"
+    assert s.headers.subject == "x-user"
+    assert s.quota_file == str(tmp_path / "quota.yaml")
+
+
+def test_env_overrides_redis_url(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("store: {redis_url: 'redis://a:6379'}")
+    s = load_settings(f, env={"AUTHZ_REDIS_URL": "redis://b:6379/2"})
+    assert s.store.redis_url == "redis://b:6379/2"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server: {grpc_port: http}", "server.grpc_port: expected an integer"),
+        ("server: {grpc_port: 70000}", "server.grpc_port: expected an integer between 0 and 65535"),
+        ("server: {grpc_prot: 9000}", "server.grpc_prot: unknown key"),
+        ("store: {timeout: fast}", "store.timeout: expected a duration"),
+        ("store: {on_error: maybe}", "store.on_error: expected one of deny, allow"),
+        ("store: {redis_url: 'http://x'}", "store.redis_url: expected a redis://"),
+        ("store: {key_prefix: 'a{b}'}", "store.key_prefix: must not contain"),
+        ("auth: {issuers: [{issuer: x}]}", "auth.issuers[0]: needs exactly one key source"),
+        ("auth: {issuers: [{issuer: x, jwks_url: 'ftp://a'}]}", "auth.issuers[0].jwks_url"),
+        ("auth: {issuers: [{issuer: x, jwks_file: a, algorithms: [none]}]}",
+         "auth.issuers[0].algorithms: unsupported algorithm 'none'"),
+        (f"auth: {{issuers: [{{issuer: '{DEV_ISSUER}', jwks_file: a}}]}}",
+         "auth.issuers[0].issuer: 'urn:authz:dev' is reserved"),
+        ("auth: {leeway: 1h}", "auth.leeway: more than 5 minutes"),
+        ("paths: {protected_prefixes: [/v1/models]}", "must end with '/'"),
+        ("paths: {public_paths: [/v1/models/x]}", "lies under protected prefix"),
+        ("headers: {subject: 'bad header'}", "headers.subject: 'bad header' is not a valid"),
+        ("headers: {plan: x-envoy-plan}", "headers.plan: 'x-envoy-plan' is reserved"),
+        ("server: [1, 2]", "server: expected a mapping, got a list"),
+        ("- a\n- b", "expected a mapping at the top level"),
+        ("server: {grpc_port: 1\n", "invalid YAML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    message = error(text, tmp_path)
+    assert message.startswith(str(tmp_path / "config.yaml"))
+    assert expected in message
+
+
+def test_unreadable_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(tmp_path / "missing.yaml", env={})
+    assert "missing.yaml: cannot read file" in str(e.value)
+
+
+def test_parse_without_file() -> None:
+    assert parse_settings(None, "x").server.grpc_port == 9000

@@ -129,9 +129,9 @@ def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
     static_issuers: dict[str, Any] = {}
     on_serving = None
     if dev:
-        from .tokens.devsigner import DEV_ISSUER, DevSigner
+        from .tokens.devsigner import DEV_ISSUER, DevelopmentOnlySigner
 
-        signer = DevSigner()
+        signer = DevelopmentOnlySigner()
         static_issuers[DEV_ISSUER] = signer.jwks
 
         def on_serving(server: Any) -> None:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from ..buckets.base import BucketStore, StoreError
-from ..buckets.deny_cache import DenyCachingStore
+from ..buckets.deny_cache import DenyCache
 from ..buckets.memory import MemoryBucketStore
 from ..config.settings import Settings
 from ..decision import DecisionMaker
@@ -53,7 +53,7 @@ def build_store(settings: Settings) -> BucketStore:
         inner = RedisBucketStore(settings.store)
     else:
         inner = MemoryBucketStore()
-    return DenyCachingStore(inner)
+    return DenyCache(inner)
 
 
 @dataclass

@@ -1,0 +1,362 @@
+"""Check over real gRPC: a real grpc.aio server, a real client, real redis-server processes.
+
+The same behaviour tests run against both bucket stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+import yaml
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authz.config.loader import parse_settings
+from authz.config.settings import Settings
+from authz.quota import parse_quota
+from authz.server.app import Server
+from tests.support.issuer import TestIssuer
+from tests.support.redis_server import RedisServer
+
+QUOTA = {
+    "plan_claim": "plan",
+    "default_plan": "free",
+    "plans": {
+        "free": {
+            "limits": [{"name": "per-minute", "rate": 5, "per": "1m", "burst": 5}],
+            "models": {"iris": {}, "llama-*": {"cost": 2}},
+        },
+        "pro": {"limits": [{"name": "per-second", "rate": 1000, "per": "1s", "burst": 1000}]},
+    },
+    "overrides": [
+        {"issuer": "https://idp.test", "subject": "mallory", "plan": "blocked"},
+        {"issuer": "https://idp.test", "subject": "svc", "plan": "unlimited"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> TestIssuer:
+    return TestIssuer(tmp_path_factory.mktemp("idp"))
+
+
+@pytest.fixture(scope="module")
+def other_issuer(tmp_path_factory: pytest.TempPathFactory) -> TestIssuer:
+    return TestIssuer(tmp_path_factory.mktemp("idp2"), name="https://other.test", kid="o1")
+
+
+def make_settings(issuers: list[TestIssuer], redis_url: str = "", **store: Any) -> Settings:
+    return parse_settings({
+        "server": {"grpc_port": 0, "metrics_port": 0, "drain_delay": 0, "host": "127.0.0.1"},
+        "auth": {"issuers": [i.settings() for i in issuers]},
+        "store": {"redis_url": redis_url, "timeout": "200ms", **store},
+    }, "test")
+
+
+class Client:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.stub = pb_grpc.AuthorizationStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+    async def check(self, path: str = "/v1/models/iris:predict", token: str | None = None,
+                    headers: dict[str, str] | None = None) -> pb.CheckResponse:
+        req = pb.CheckRequest()
+        http = req.attributes.request.http
+        http.path = path
+        http.method = "POST"
+        h = {":path": path, ":method": "POST", ":authority": "models"}
+        if token is not None:
+            h["authorization"] = f"Bearer {token}"
+        h.update(headers or {})
+        http.headers.update(h)
+        return await self.stub.Check(req, timeout=5)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def service(request: pytest.FixtureRequest, issuer: TestIssuer, other_issuer: TestIssuer,
+                  redis_server: RedisServer) -> AsyncIterator[tuple[Client, Server]]:
+    url = redis_server.url if request.param == "redis" else ""
+    if url:
+        redis_server.client().flushall()
+    server = Server(make_settings([issuer, other_issuer], url), parse_quota(QUOTA, "quota"))
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield Client(channel), server
+    await server.stop()
+
+
+def status(resp: pb.CheckResponse) -> int:
+    return 200 if resp.status.code == 0 else resp.denied_response.status.code
+
+
+def deny_headers(resp: pb.CheckResponse) -> dict[str, str]:
+    return {h.header.key: h.header.value for h in resp.denied_response.headers}
+
+
+def body(resp: pb.CheckResponse) -> dict[str, Any]:
+    return json.loads(resp.denied_response.body)  # type: ignore[no-any-return]
+
+
+async def test_health_serving(service: tuple[Client, Server]) -> None:
+    client, _ = service
+    for name in ("", "envoy.service.auth.v3.Authorization"):
+        r = await client.health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_allowed_with_identity_and_ratelimit_headers(
+        service: tuple[Client, Server], issuer: TestIssuer) -> None:
+    client, _ = service
+    resp = await client.check(token=issuer.mint("alice"),
+                              headers={"x-auth-subject": "forged", "x-authz-degraded": "x"})
+    assert status(resp) == 200
+    upstream = {h.header.key: (h.header.value, h.append.value) for h in resp.ok_response.headers}
+    # set with append=false: Envoy overwrites the client's forged copy
+    assert upstream["x-auth-subject"] == ("alice", False)
+    assert upstream["x-auth-plan"] == ("free", False)
+    assert upstream["x-auth-issuer"] == ("https://idp.test", False)
+    assert "x-authz-degraded" in resp.ok_response.headers_to_remove
+    client_headers = {h.header.key: h.header.value for h in resp.ok_response.response_headers_to_add}
+    assert client_headers == {"ratelimit-limit": "5", "ratelimit-remaining": "4",
+                              "ratelimit-reset": "12"}
+
+
+async def test_burst_then_429_with_retry_after(service: tuple[Client, Server],
+                                               issuer: TestIssuer) -> None:
+    client, _ = service
+    token = issuer.mint("bob")
+    statuses = [status(await client.check(token=token)) for _ in range(7)]
+    assert statuses == [200] * 5 + [429] * 2
+    resp = await client.check(token=token)
+    h = deny_headers(resp)
+    assert int(h["retry-after"]) == 12  # 1 token per 12 s, rounded up
+    assert h["ratelimit-remaining"] == "0"
+    assert body(resp)["error"] == "rate_limited"
+
+
+async def test_cost_per_model_and_query_ignored(service: tuple[Client, Server],
+                                                issuer: TestIssuer) -> None:
+    client, _ = service
+    token = issuer.mint("carol")
+    assert status(await client.check("/v2/models/llama-7b/infer?x=1", token)) == 200  # 5 -> 3
+    assert status(await client.check("/v2/models/llama-7b/versions/2/infer", token)) == 200
+    resp = await client.check("/v1/models/iris:predict?other=2", token)  # 1 -> 0
+    assert status(resp) == 200
+    assert {h.header.key: h.header.value for h in resp.ok_response.response_headers_to_add}[
+        "ratelimit-remaining"] == "0"
+    assert status(await client.check("/v1/models/iris:predict", token)) == 429
+
+
+async def test_forbidden_model_and_blocked(service: tuple[Client, Server],
+                                           issuer: TestIssuer) -> None:
+    client, _ = service
+    resp = await client.check("/v1/models/secret:predict", issuer.mint("dave"))
+    assert status(resp) == 403 and body(resp)["reason"] == "model_not_allowed"
+    resp = await client.check("/v1/models/iris:predict", issuer.mint("mallory", plan="pro"))
+    assert status(resp) == 403 and body(resp)["reason"] == "blocked"
+    assert status(await client.check("/v1/models/anything", issuer.mint("svc"))) == 200
+
+
+async def test_public_and_other_paths(service: tuple[Client, Server]) -> None:
+    client, _ = service
+    for path in ("/health", "/ready", "/v2/health/ready"):
+        resp = await client.check(path)
+        assert status(resp) == 200
+        assert "x-auth-subject" in resp.ok_response.headers_to_remove
+    resp = await client.check("/admin")
+    assert status(resp) == 403 and body(resp)["reason"] == "path_not_covered"
+
+
+async def test_two_issuers_same_sub_do_not_share_buckets(
+        service: tuple[Client, Server], issuer: TestIssuer, other_issuer: TestIssuer) -> None:
+    client, _ = service
+    for _ in range(5):
+        assert status(await client.check(token=issuer.mint("erin"))) == 200
+    assert status(await client.check(token=issuer.mint("erin"))) == 429
+    assert status(await client.check(token=other_issuer.mint("erin"))) == 200
+
+
+def _b64(doc: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+
+def bad_inputs(issuer: TestIssuer, other: TestIssuer) -> dict[str, dict[str, Any]]:
+    """name -> Check arguments; each must be a clean 401 (or 400 for paths)."""
+    now = int(time.time())
+    valid = issuer.mint("zed")
+    h, p, s = valid.split(".")
+    pem = issuer.key.public_key().public_bytes(
+        encoding=__import__("cryptography.hazmat.primitives.serialization",
+                            fromlist=["Encoding"]).Encoding.PEM,
+        format=__import__("cryptography.hazmat.primitives.serialization",
+                          fromlist=["PublicFormat"]).PublicFormat.SubjectPublicKeyInfo)
+    claims = {"iss": issuer.name, "sub": "zed", "aud": "ml-inference-api", "exp": now + 600}
+    hs_forged = (f"{_b64({'alg': 'HS256', 'typ': 'JWT', 'kid': issuer.kid})}."
+                 f"{_b64(claims)}")
+    import hashlib
+    import hmac
+
+    sig = hmac.new(pem, hs_forged.encode(), hashlib.sha256).digest()
+    hs_forged += "." + base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+    attacker = TestIssuer(Path(issuer.jwks_file).parent / "attacker", name=issuer.name, kid="k1")
+    return {
+        "missing": {"headers": {}},
+        "empty": {"headers": {"authorization": ""}},
+        "duplicated": {"headers": {"authorization": f"Bearer {valid},Bearer {valid}"}},
+        "basic": {"headers": {"authorization": "Basic YWxpY2U6c2VjcmV0"}},
+        "64KB header": {"headers": {"authorization": "Bearer " + "a" * 65536}},
+        "non-utf8 as !": {"headers": {"authorization": f"Bearer {h}.{p}!!.{s}"}},
+        "alg none": {"token": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."},
+        "hs256 with public key": {"token": hs_forged},
+        "unknown kid": {"token": issuer.mint("zed", headers={"kid": "nope"})},
+        "jku elsewhere": {"token": attacker.mint(
+            "zed", headers={"jku": "https://evil.test/jwks.json", "x5u": "https://evil.test/c"})},
+        "missing exp": {"token": issuer.mint("zed", exp=None)},
+        "missing sub": {"token": issuer.mint(None)},  # type: ignore[arg-type]
+        "nbf future": {"token": issuer.mint("zed", nbf=now + 3600)},
+        "expired": {"token": issuer.mint("zed", ttl=-3600)},
+        "aud wrong": {"token": issuer.mint("zed", audience="other-api")},
+        "aud empty": {"token": issuer.mint("zed", audience=[])},
+        "aud list without ours": {"token": issuer.mint("zed", audience=["a", "b"])},
+        "issuer not configured": {"token": TestIssuer(
+            Path(issuer.jwks_file).parent / "x", name="https://unknown.test").mint("zed")},
+        "A signed with B's key": {"token": issuer.mint("zed", key=other.key,
+                                                       headers={"kid": other.kid})},
+        "truncated": {"token": valid[: len(valid) // 2]},
+        "garbage base64": {"token": "@@@.###.$$$"},
+        "1MB token": {"token": "a" * (1 << 20)},
+    }
+
+
+async def test_bad_input_is_a_clean_401(service: tuple[Client, Server], issuer: TestIssuer,
+                                        other_issuer: TestIssuer) -> None:
+    client, _ = service
+    for name, case in bad_inputs(issuer, other_issuer).items():
+        resp = await client.check(token=case.get("token"), headers=case.get("headers"))
+        assert status(resp) == 401, name
+        assert deny_headers(resp)["www-authenticate"].startswith("Bearer "), name
+        assert "reason" in body(resp), name
+        assert "zed" not in resp.denied_response.body, name  # never echoes the token
+
+
+@pytest.mark.parametrize("path", ["/v1/models/../../admin", "/v1//models/iris:predict",
+                                  "/v1/models/%2e%2e/iris", "/health/../v1/models/iris",
+                                  "/v1/models/a\r\nb"])
+async def test_bad_paths_are_a_clean_400(service: tuple[Client, Server], issuer: TestIssuer,
+                                         path: str) -> None:
+    client, _ = service
+    resp = await client.check(path, issuer.mint("zed"))
+    assert status(resp) == 400
+    assert body(resp)["error"] == "invalid_request"
+
+
+async def test_no_http_attributes(service: tuple[Client, Server]) -> None:
+    client, _ = service
+    resp = await client.stub.Check(pb.CheckRequest(), timeout=5)
+    assert status(resp) == 400 and body(resp)["reason"] == "missing_http_attributes"
+
+
+async def test_raw_header_map(service: tuple[Client, Server], issuer: TestIssuer) -> None:
+    """Envoy with encode_raw_headers sends header_map with raw bytes instead of headers."""
+    client, _ = service
+    req = pb.CheckRequest()
+    http = req.attributes.request.http
+    http.path = "/v1/models/iris:predict"
+    for k, v in ((":path", http.path), ("authorization", f"Bearer {issuer.mint('raw')}")):
+        http.header_map.headers.add(key=k, raw_value=v.encode())
+    resp = await client.stub.Check(req, timeout=5)
+    assert status(resp) == 200
+
+
+async def test_concurrent_checks_admit_exactly_the_burst(
+        service: tuple[Client, Server], issuer: TestIssuer) -> None:
+    """200 concurrent checks for one user, burst 5, refill 1 per 12 s: exactly 5 pass."""
+    client, _ = service
+    token = issuer.mint("frank")
+    results = await asyncio.gather(*(client.check(token=token) for _ in range(200)))
+    assert sum(status(r) == 200 for r in results) == 5
+    assert sum(status(r) == 429 for r in results) == 195
+
+
+async def test_internal_error_is_an_explicit_answer(issuer: TestIssuer) -> None:
+    class Broken:
+        ready = True
+
+        async def start(self) -> None: ...
+        async def close(self) -> None: ...
+        async def charge(self, buckets: Any, cost: float) -> Any:
+            raise RuntimeError("bug")
+
+    server = Server(make_settings([issuer]), parse_quota(QUOTA, "q"), store=Broken())
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            resp = await Client(ch).check(token=issuer.mint("gina"))
+        assert status(resp) == 500 and body(resp) == {"error": "internal_error"}
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+async def test_redis_down_policy_and_recovery(issuer: TestIssuer, policy: str) -> None:
+    redis = RedisServer().start()
+    server = Server(make_settings([issuer], redis.url, on_error=policy, timeout="100ms"),
+                    parse_quota(QUOTA, "q"))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            client = Client(ch)
+            token = issuer.mint("hank")
+            assert status(await client.check(token=token)) == 200
+            redis.stop()
+            started = time.monotonic()
+            resp = await client.check(token=token)
+            assert time.monotonic() - started < 2.0  # bounded, no hang
+            if policy == "deny":
+                assert status(resp) == 503 and body(resp)["reason"] == "store_unavailable"
+            else:
+                assert status(resp) == 200
+                upstream = {h.header.key: h.header.value for h in resp.ok_response.headers}
+                assert upstream["x-authz-degraded"] == "store-unavailable"
+            redis.start()  # same port: the service recovers by itself
+            deadline = time.monotonic() + 10
+            while True:
+                resp = await client.check(token=issuer.mint("ivy"))
+                if status(resp) == 200 and not any(
+                        h.header.key == "x-authz-degraded" for h in resp.ok_response.headers):
+                    break
+                assert time.monotonic() < deadline, "did not recover after Redis came back"
+                await asyncio.sleep(0.2)
+    finally:
+        await server.stop()
+        redis.stop()
+
+
+def test_quota_yaml_roundtrip() -> None:
+    assert parse_quota(yaml.safe_load(yaml.safe_dump(QUOTA)), "q").default_plan == "free"
+
+
+def test_jwt_library_refuses_none() -> None:
+    # guard against a PyJWT upgrade silently accepting alg none
+    with pytest.raises(jwt.PyJWTError):
+        jwt.decode(f"{_b64({'alg': 'none'})}.{_b64({'sub': 'x'})}.", options={
+            "verify_signature": True}, algorithms=["RS256"], key="x")

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo.run import run_demo
 
-        return run_demo(redis_url=args.redis_url, http_port=args.http_port)
+        return int(run_demo(redis_url=args.redis_url, http_port=args.http_port))
     return 2
 
 

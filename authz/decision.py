@@ -74,7 +74,7 @@ def header_value(value: str) -> str:
     """
     if value.isascii() and value.isprintable() and "%" not in value and value == value.strip():
         return value
-    out = []
+    out: list[str] = []
     for ch in value:
         o = ord(ch)
         if (0x21 <= o <= 0x7E and ch != "%") or (ch == " " and out):

@@ -63,7 +63,7 @@ def parse_settings(data: Any, file: str, *, base_dir: Path | None = None) -> Set
     quota_file = root.opt_str("quota_file")
     if quota_file is not None and base_dir is not None:
         quota_file = str(base_dir / quota_file)
-    internal = root.int("internal_error_status", 500, minimum=500, maximum=599)
+    internal = root.integer("internal_error_status", 500, minimum=500, maximum=599)
     root.done()
     return Settings(
         server=server, auth=auth, store=store, paths=paths, headers=headers,
@@ -74,10 +74,10 @@ def parse_settings(data: Any, file: str, *, base_dir: Path | None = None) -> Set
 def _server(n: Node) -> ServerSettings:
     d = ServerSettings()
     s = ServerSettings(
-        host=n.str("host", d.host, allow_empty=False),
-        grpc_port=n.int("grpc_port", d.grpc_port, minimum=0, maximum=65535),
-        metrics_port=n.int("metrics_port", d.metrics_port, minimum=0, maximum=65535),
-        workers=n.int("workers", d.workers, minimum=0, maximum=256),
+        host=n.text("host", d.host, allow_empty=False),
+        grpc_port=n.integer("grpc_port", d.grpc_port, minimum=0, maximum=65535),
+        metrics_port=n.integer("metrics_port", d.metrics_port, minimum=0, maximum=65535),
+        workers=n.integer("workers", d.workers, minimum=0, maximum=256),
         drain_delay=n.duration("drain_delay", d.drain_delay, allow_zero=True),
         shutdown_grace=n.duration("shutdown_grace", d.shutdown_grace),
     )
@@ -91,7 +91,7 @@ def _auth(n: Node, base_dir: Path | None) -> AuthSettings:
     d = AuthSettings()
     issuers: list[IssuerSettings] = []
     seen: set[str] = set()
-    for path, raw in n.list("issuers"):
+    for path, raw in n.items("issuers"):
         issuer = _issuer(n.child(path, raw), base_dir)
         if issuer.issuer in seen:
             raise ConfigError(n.file, f"{path}.issuer", f"issuer {issuer.issuer!r} listed twice")
@@ -99,10 +99,10 @@ def _auth(n: Node, base_dir: Path | None) -> AuthSettings:
         issuers.append(issuer)
     s = AuthSettings(
         issuers=tuple(issuers),
-        audience=n.str("audience", d.audience, allow_empty=False),
+        audience=n.text("audience", d.audience, allow_empty=False),
         leeway=n.duration("leeway", d.leeway, allow_zero=True),
-        max_token_bytes=n.int("max_token_bytes", d.max_token_bytes, minimum=256),
-        token_cache_size=n.int("token_cache_size", d.token_cache_size, minimum=0),
+        max_token_bytes=n.integer("max_token_bytes", d.max_token_bytes, minimum=256),
+        token_cache_size=n.integer("token_cache_size", d.token_cache_size, minimum=0),
         jwks_refresh_min_interval=n.duration(
             "jwks_refresh_min_interval", d.jwks_refresh_min_interval, allow_zero=True
         ),
@@ -119,7 +119,7 @@ def _auth(n: Node, base_dir: Path | None) -> AuthSettings:
 
 
 def _issuer(n: Node, base_dir: Path | None) -> IssuerSettings:
-    issuer = n.str("issuer", allow_empty=False)
+    issuer = n.text("issuer", allow_empty=False)
     if issuer == DEV_ISSUER:
         raise n.error(
             "issuer",
@@ -153,15 +153,15 @@ def _issuer(n: Node, base_dir: Path | None) -> IssuerSettings:
 
 def _store(n: Node) -> StoreSettings:
     d = StoreSettings()
-    url = n.str("redis_url", d.redis_url)
+    url = n.text("redis_url", d.redis_url)
     if url:
         _check_redis_url(n, "redis_url", url)
     s = StoreSettings(
         redis_url=url,
-        key_prefix=n.str("key_prefix", d.key_prefix),
+        key_prefix=n.text("key_prefix", d.key_prefix),
         timeout=n.duration("timeout", d.timeout),
         on_error=cast(Any, n.choice("on_error", d.on_error, ("deny", "allow"))),
-        max_batch=n.int("max_batch", d.max_batch, minimum=1, maximum=100_000),
+        max_batch=n.integer("max_batch", d.max_batch, minimum=1, maximum=100_000),
     )
     n.done()
     if any(c in s.key_prefix for c in "{}"):
@@ -213,7 +213,7 @@ def _headers(n: Node) -> HeaderSettings:
 
 
 def _header_name(n: Node, key: str, default: str) -> str:
-    value = n.str(key, default, allow_empty=False).lower()
+    value = n.text(key, default, allow_empty=False).lower()
     if not set(value) <= _HEADER_NAME_CHARS:
         raise n.error(key, f"{value!r} is not a valid HTTP header name")
     if value.startswith((":", "x-envoy-")) or value in ("host", "authorization"):
@@ -227,7 +227,7 @@ def _telemetry(n: Node) -> TelemetrySettings:
         subject_attribute=cast(
             Any, n.choice("subject_attribute", d.subject_attribute, ("none", "hashed"))
         ),
-        subject_salt=n.str("subject_salt", d.subject_salt),
+        subject_salt=n.text("subject_salt", d.subject_salt),
         deny_log_level=n.choice("deny_log_level", d.deny_log_level,
                                 ("DEBUG", "INFO", "WARNING", "ERROR")),
         deny_log_rate=n.number("deny_log_rate", d.deny_log_rate, positive=False),

@@ -78,7 +78,7 @@ class Node:
             raise self.error(name, f"expected a mapping, got {_kind(value)}")
         return Node(self.file, self.key(name), value)
 
-    def str(self, name: str, default: str | None = None, *, allow_empty: bool = True) -> str:
+    def text(self, name: str, default: str | None = None, *, allow_empty: bool = True) -> str:
         value = self.raw(name)
         if value is None:
             if default is None:
@@ -98,7 +98,7 @@ class Node:
             raise self.error(name, f"expected a non-empty string, got {_kind(value)}")
         return value
 
-    def int(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.raw(name)
         if value is None:
             return default
@@ -140,7 +140,7 @@ class Node:
         return seconds
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.str(name, default)
+        value = self.text(name, default)
         if value not in choices:
             raise self.error(name, f"expected one of {', '.join(choices)}; got {value!r}")
         return value
@@ -153,7 +153,7 @@ class Node:
             raise self.error(name, "expected a list of non-empty strings")
         return tuple(value)
 
-    def list(self, name: str) -> Iterator[tuple[str, Any]]:
+    def items(self, name: str) -> Iterator[tuple[str, Any]]:
         value = self.raw(name)
         if value is None:
             return iter(())

@@ -27,7 +27,7 @@ def load_quota(path: str | Path | None) -> Quota:
 
 def parse_quota(data: Any, file: str) -> Quota:
     root = Node.root(file, data)
-    plan_claim = root.str("plan_claim", "plan", allow_empty=False)
+    plan_claim = root.text("plan_claim", "plan", allow_empty=False)
     plans: dict[str, Plan] = {UNLIMITED: Plan(UNLIMITED, unlimited=True),
                               BLOCKED: Plan(BLOCKED, blocked=True)}
     plans_node = root.section("plans")
@@ -38,17 +38,17 @@ def parse_quota(data: Any, file: str) -> Quota:
         if name in BUILTIN_PLANS:
             raise ConfigError(file, key, f"{name!r} is a built-in plan and cannot be redefined")
         plans[name] = _plan(plans_node.child(key, plans_node.raw(name) or {}), name)
-    default_plan = root.str("default_plan", allow_empty=False) if plans_node.data else \
-        root.str("default_plan", BLOCKED)
+    default_plan = root.text("default_plan", allow_empty=False) if plans_node.data else \
+        root.text("default_plan", BLOCKED)
     if default_plan not in plans:
         raise root.error("default_plan", f"plan {default_plan!r} is not defined under plans "
                          f"(defined: {', '.join(sorted(plans))})")
     overrides: dict[tuple[str, str], str] = {}
-    for path, raw in root.list("overrides"):
+    for path, raw in root.items("overrides"):
         n = root.child(path, raw)
-        issuer = n.str("issuer", allow_empty=False)
-        subject = n.str("subject", allow_empty=False)
-        plan = n.str("plan", allow_empty=False)
+        issuer = n.text("issuer", allow_empty=False)
+        subject = n.text("subject", allow_empty=False)
+        plan = n.text("plan", allow_empty=False)
         n.done()
         if plan not in plans:
             defined = ", ".join(sorted(plans))
@@ -73,7 +73,7 @@ def _plan(n: Node, name: str) -> Plan:
                 raise ConfigError(n.file, key, "expected a model name or glob pattern "
                                   "(letters, digits, '_', '.', '-', '*', '?', '[]')")
             rn = models_node.child(key, models_node.raw(pattern) or {})
-            cost = rn.int("cost", 1, minimum=1, maximum=1_000_000)
+            cost = rn.integer("cost", 1, minimum=1, maximum=1_000_000)
             rule = ModelRule(pattern=pattern, cost=cost, limits=_limits(rn, "limits"))
             rn.done()
             for limit in (*limits, *rule.limits):
@@ -96,9 +96,9 @@ def _plan(n: Node, name: str) -> Plan:
 
 def _limits(n: Node, key: str) -> tuple[Limit, ...]:
     out = []
-    for path, raw in n.list(key):
+    for path, raw in n.items(key):
         ln = n.child(path, raw)
-        name = ln.str("name", allow_empty=False)
+        name = ln.text("name", allow_empty=False)
         if not _NAME.match(name):
             raise ln.error("name", "limit names are letters, digits, '_', '.', '-' (<= 64)")
         count = ln.number("rate")

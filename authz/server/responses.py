@@ -50,7 +50,7 @@ def to_check_response(d: Decision) -> pb.CheckResponse:
         status=status_pb2.Status(code=_GRPC_CODE.get(d.status, code_pb2.INTERNAL),
                                  message=d.reason),
         denied_response=pb.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=d.status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=d.status),  # type: ignore[arg-type,unused-ignore]
             headers=_options(d.response_headers),
             body=d.body,
         ),

@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--path", default="/v1/models/example:predict")
     check.add_argument("--method", default="POST")
     check.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+    check.add_argument("--repeat", type=int, default=1,
+                       help="send it N times in a row, one status line each")
 
     demo = sub.add_parser("demo", help="service + a real Envoy + a model stand-in, ready for curl")
     demo.add_argument("--redis-url", default=None, help="use this Redis (default: in-memory)")
@@ -220,11 +222,17 @@ def _check(args: argparse.Namespace) -> int:
     http.path, http.method, http.host = args.path, args.method, "models.local"
     http.headers.update(headers)
     with grpc.insecure_channel(args.target) as channel:
-        try:
-            resp = pb_grpc.AuthorizationStub(channel).Check(req, timeout=5)
-        except grpc.RpcError as e:
-            print(f"authz: Check failed: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+        stub = pb_grpc.AuthorizationStub(channel)
+        for i in range(max(1, args.repeat)):
+            try:
+                resp = stub.Check(req, timeout=5)
+            except grpc.RpcError as e:
+                print(f"authz: Check failed: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+            if args.repeat > 1:
+                _print_short(i + 1, resp)
+    if args.repeat > 1:
+        return 0
     if resp.status.code == 0:
         print("ALLOW 200")
         for h in resp.ok_response.headers:
@@ -238,3 +246,14 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  client    {h.header.key}: {h.header.value}")
     print(f"  body      {d.body}")
     return 0
+
+
+def _print_short(n: int, resp: Any) -> None:
+    if resp.status.code == 0:
+        headers = {h.header.key: h.header.value for h in resp.ok_response.response_headers_to_add}
+        print(f"{n:3d} ALLOW 200  remaining={headers.get('ratelimit-remaining', '-')}")
+    else:
+        d = resp.denied_response
+        headers = {h.header.key: h.header.value for h in d.headers}
+        extra = f"  retry-after={headers['retry-after']}" if "retry-after" in headers else ""
+        print(f"{n:3d} DENY {d.status.code}{extra}  {d.body}")

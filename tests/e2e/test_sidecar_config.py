@@ -1,0 +1,229 @@
+"""The generated sidecar config: Istio's shape, Envoy accepts it, the example is current."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz.mesh import sidecar
+from authz.mesh.sidecar import SidecarConfigError, SidecarSpec, render, to_yaml
+
+pytestmark = pytest.mark.envoy
+
+EXAMPLE = Path(sidecar.__file__).parent / "examples" / "envoy-sidecar.yaml"
+
+
+def _filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    listener = config["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    filters: list[dict[str, Any]] = hcm["http_filters"]
+    return filters
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    listener = config["static_resources"]["listeners"][0]
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == name:
+            found: dict[str, Any] = cluster
+            return found
+    raise AssertionError(f"no cluster {name}: {config['static_resources']['clusters']}")
+
+
+def test_filter_chain_is_rbac_shadow_then_ext_authz_then_router() -> None:
+    names = [f["name"] for f in _filters(render(SidecarSpec()))]
+    assert names == [
+        "envoy.filters.http.rbac",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+
+
+def test_rbac_holds_the_custom_rules_as_shadow_rules_only() -> None:
+    rbac = _filters(render(SidecarSpec(policy_name="p", policy_namespace="ns")))[0]["typed_config"]
+    assert "rules" not in rbac, "CUSTOM rules must never enforce by themselves"
+    assert rbac["shadow_rules_stat_prefix"] == "istio_ext_authz_"
+    shadow = rbac["shadow_rules"]
+    assert shadow["action"] == "DENY"
+    (policy_id,) = shadow["policies"]
+    assert policy_id == "istio-ext-authz-rate-limiter-ns[ns]-policy[p]-rule[0]"
+    paths = shadow["policies"][policy_id]["permissions"][0]["and_rules"]["rules"][0]["or_rules"]
+    assert [p["url_path"]["path"] for p in paths["rules"]] == [
+        {"prefix": "/v1/models/"},
+        {"prefix": "/v2/models/"},
+    ]
+
+
+def test_ext_authz_is_gated_on_the_shadow_policy_and_speaks_v3() -> None:
+    spec = SidecarSpec(timeout=0.25, status_on_error=503)
+    ext = _filters(render(spec))[1]["typed_config"]
+    assert ext["@type"] == "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+    assert ext["transport_api_version"] == "V3"
+    assert ext["filter_enabled_metadata"] == {
+        "filter": "envoy.filters.http.rbac",
+        "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+        "value": {"string_match": {"prefix": "istio-ext-authz"}},
+    }
+    grpc = ext["grpc_service"]
+    assert grpc["timeout"] == "0.250s"
+    assert grpc["envoy_grpc"] == {
+        "cluster_name": "outbound|9000||rate-limiter.authz.svc.cluster.local",
+        "authority": "rate-limiter.authz.svc.cluster.local",
+    }
+    assert ext["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert not ext.get("failure_mode_allow", False)
+    # Istio never sets these for a gRPC provider: the service must cope without them.
+    for absent in ("allowed_headers", "encode_raw_headers", "with_request_body"):
+        assert absent not in ext
+
+
+def test_fail_open_and_istio_default_status() -> None:
+    ext = _filters(render(SidecarSpec(fail_open=True, status_on_error=None)))[1]["typed_config"]
+    assert ext["failure_mode_allow"] is True
+    assert "status_on_error" not in ext  # Envoy's default: 403
+
+
+def test_provider_cluster_is_http2_with_every_replica() -> None:
+    spec = SidecarSpec(service_port=9000, endpoints=(("127.0.0.1", 9101), ("127.0.0.1", 9102)))
+    cluster = _cluster(render(spec), "outbound|9000||rate-limiter.authz.svc.cluster.local")
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert ports == [9101, 9102]
+
+
+def test_path_normalization_is_the_sidecars() -> None:
+    hcm = _hcm(render(SidecarSpec()))
+    assert hcm["normalize_path"] is True
+    assert not hcm.get("merge_slashes", False)
+    assert hcm["path_with_escaped_slashes_action"] == "KEEP_UNCHANGED"
+    assert _hcm(render(SidecarSpec(merge_slashes=True)))["merge_slashes"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "matcher"),
+    [
+        ("/v1/models/*", {"prefix": "/v1/models/"}),
+        ("/v1/models/x:predict", {"exact": "/v1/models/x:predict"}),
+        ("*:predict", {"suffix": ":predict"}),
+        ("*", {"prefix": "/"}),
+    ],
+)
+def test_istio_path_forms(path: str, matcher: dict[str, str]) -> None:
+    permission = sidecar.path_permission(path).to_dict(casing=sidecar.betterproto2.Casing.SNAKE)
+    assert permission == {"url_path": {"path": matcher}}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"paths": ("/v1/{*}/infer",)}, "only exact"),
+        ({"paths": ("v1/models/*",)}, "must start with"),
+        ({"paths": ()}, "at least one"),
+        ({"status_on_error": 299}, "not an Envoy StatusCode"),
+        ({"timeout": 0}, "timeout"),
+        ({"provider": "Rate_Limiter"}, "DNS label"),
+        ({"endpoints": ()}, "at least one"),
+        ({"app_port": 70000}, "app_port"),
+        ({"lb_policy": "FASTEST"}, "lb policy"),
+    ],
+)
+def test_bad_parameters_are_refused_with_a_reason(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(SidecarConfigError, match=message):
+        render(SidecarSpec(**options))
+
+
+def test_committed_example_is_current() -> None:
+    # Regenerate with: python -m authz.mesh.sidecar --out authz/mesh/examples/envoy-sidecar.yaml
+    assert EXAMPLE.read_text() == to_yaml(SidecarSpec()), "example is stale: regenerate it"
+
+
+SPECS = {
+    "default": SidecarSpec(),
+    "fail-open": SidecarSpec(fail_open=True, status_on_error=None),
+    "replicas-merge-slashes": SidecarSpec(
+        endpoints=(("127.0.0.1", 9001), ("127.0.0.1", 9002)),
+        lb_policy="ROUND_ROBIN",
+        merge_slashes=True,
+        access_log=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_envoy_validate_accepts_it(envoy_bin: Path, tmp_path: Path, name: str, fmt: str) -> None:
+    out = tmp_path / f"envoy.{fmt}"
+    assert sidecar.main([*_argv(SPECS[name]), "--out", str(out)]) == 0
+    loaded = json.loads(out.read_text()) if fmt == "json" else yaml.safe_load(out.read_text())
+    assert loaded == render(SPECS[name]), "the CLI must write what render() builds"
+    result = subprocess.run(
+        [str(envoy_bin), "--mode", "validate", "-c", str(out), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_envoy_validate_rejects_a_broken_config(envoy_bin: Path, tmp_path: Path) -> None:
+    # The validation step above can fail: Envoy refuses a value it does not know.
+    config = render(SidecarSpec())
+    config["static_resources"]["clusters"][0]["lb_policy"] = "NO_SUCH_POLICY"
+    out = tmp_path / "broken.yaml"
+    out.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [str(envoy_bin), "--mode", "validate", "-c", str(out), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+
+
+def _argv(spec: SidecarSpec) -> list[str]:
+    argv = [
+        "--listener-port",
+        str(spec.listener_port),
+        "--admin-port",
+        str(spec.admin_port),
+        "--app-port",
+        str(spec.app_port),
+        "--service-port",
+        str(spec.service_port),
+        "--timeout",
+        str(spec.timeout),
+        "--status-on-error",
+        str(spec.status_on_error or 0),
+        "--lb-policy",
+        spec.lb_policy,
+    ]
+    for host, port in spec.endpoints:
+        argv += ["--endpoint", f"{host}:{port}"]
+    if spec.fail_open:
+        argv.append("--fail-open")
+    if spec.merge_slashes:
+        argv.append("--merge-slashes")
+    if spec.access_log:
+        argv.append("--access-log")
+    return argv
+
+
+def test_cli_reports_bad_input_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert sidecar.main(["--path", "/v1/{*}/x"]) == 2
+    assert "error: path" in capsys.readouterr().err

@@ -30,7 +30,6 @@ from .settings import (
 DEV_ISSUER = "urn:authz:dev"
 
 SUPPORTED_ALGORITHMS = (*ASYMMETRIC_ALGORITHMS, "HS256", "HS384", "HS512")
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
 # RFC 7230 token characters: what Envoy accepts in a header name (lower-case for HTTP/2).
 _HEADER_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.!#$%&'*+^`|~")
 
@@ -170,9 +169,14 @@ def _store(n: Node) -> StoreSettings:
 
 
 def _check_redis_url(n: Node, key: str, url: str) -> None:
-    scheme = urlsplit(url).scheme
-    if scheme not in _REDIS_SCHEMES:
-        raise n.error(key, f"expected a redis://, rediss:// or unix:// URL, got scheme {scheme!r}")
+    # The same parser the Redis store uses, so a URL that passes here also connects there.
+    from ..buckets.base import StoreError
+    from ..buckets.redis_url import parse_redis_url
+
+    try:
+        parse_redis_url(url)
+    except StoreError as e:
+        raise n.error(key, f"invalid Redis URL: {e}") from None
 
 
 def _paths(n: Node) -> PathSettings:

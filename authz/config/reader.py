@@ -98,7 +98,9 @@ class Node:
             raise self.error(name, f"expected a non-empty string, got {_kind(value)}")
         return value
 
-    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(
+        self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
         value = self.raw(name)
         if value is None:
             return default

@@ -80,7 +80,7 @@ def test_env_overrides_redis_url(tmp_path: Path) -> None:
         ("server: {grpc_prot: 9000}", "server.grpc_prot: unknown key"),
         ("store: {timeout: fast}", "store.timeout: expected a duration"),
         ("store: {on_error: maybe}", "store.on_error: expected one of deny, allow"),
-        ("store: {redis_url: 'http://x'}", "store.redis_url: expected a redis://"),
+        ("store: {redis_url: 'http://x'}", "store.redis_url: invalid Redis URL"),
         ("store: {key_prefix: 'a{b}'}", "store.key_prefix: must not contain"),
         ("auth: {issuers: [{issuer: x}]}", "auth.issuers[0]: needs exactly one key source"),
         ("auth: {issuers: [{issuer: x, jwks_url: 'ftp://a'}]}", "auth.issuers[0].jwks_url"),

@@ -1,0 +1,271 @@
+"""The `authz` process as users and Kubernetes run it: CLI, startup failures, signals, workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.issuer import TestIssuer
+from tests.support.redis_server import free_port
+
+AUTHZ = [sys.executable, "-m", "authz"]
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AUTHZ, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def write_config(tmp_path: Path, issuer: TestIssuer, **sections: Any) -> Path:
+    cfg: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": 0,
+                   "workers": 1, "drain_delay": "300ms", "shutdown_grace": "5s"},
+        "auth": {"issuers": [issuer.settings()]},
+    }
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> TestIssuer:
+    return TestIssuer(tmp_path / "idp")
+
+
+class Proc:
+    def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.p = subprocess.Popen([*AUTHZ, *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, **(env or {})})
+
+    def wait_serving(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                assert self.p.poll() is None, self.output()
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise AssertionError("not serving in time:\n" + self.output())
+
+    def output(self) -> str:
+        if self.p.poll() is None:
+            self.p.kill()
+        out, _ = self.p.communicate(timeout=10)
+        return out or ""
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(timeout=10)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def check_request(token: str | None, path: str = "/v1/models/m:predict") -> pb.CheckRequest:
+    req = pb.CheckRequest()
+    http = req.attributes.request.http
+    http.path = path
+    http.headers[":path"] = path
+    if token:
+        http.headers["authorization"] = f"Bearer {token}"
+    return req
+
+
+def test_check_config_ok_and_errors(tmp_path: Path, issuer: TestIssuer) -> None:
+    cfg = write_config(tmp_path, issuer)
+    r = run("check-config", str(cfg))
+    assert r.returncode == 0 and "OK" in r.stdout
+    quota = tmp_path / "quota.yaml"
+    quota.write_text("default_plan: free\nplans: {free: {limits: [{name: s, rate: 1}]}}\n")
+    r = run("check-config", str(quota))
+    assert r.returncode == 0 and "quota" in r.stdout
+    quota.write_text("default_plan: free\nplans: {free: {limits: [{name: s, rate: -1}]}}\n")
+    r = run("check-config", str(quota))
+    assert r.returncode == 1
+    assert f"{quota}: plans.free.limits[0].rate: expected a number > 0" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.write_text("server: {grpc_port: x}"), "server.grpc_port: expected an integer"),
+        (lambda c: c.unlink(), "cannot read file"),
+        (lambda c: c.write_text(c.read_text() + "\nstore: {redis_url: 'redis://[bad'}\n"),
+         "store.redis_url: invalid Redis URL"),
+        (lambda c: c.write_text(c.read_text() + "\nquota_file: nope.yaml\n"), "nope.yaml"),
+    ],
+)
+def test_startup_fails_fast_with_a_clear_message(tmp_path: Path, issuer: TestIssuer,
+                                                 mutate: Any, expected: str) -> None:
+    cfg = write_config(tmp_path, issuer)
+    mutate(cfg)
+    r = run("serve", "--config", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert expected in r.stdout + r.stderr
+
+
+def test_unreachable_jwks_fails_or_retries(tmp_path: Path, procs: list[Proc]) -> None:
+    port = free_port()
+    dead = f"http://127.0.0.1:{free_port()}/jwks.json"
+    cfg = tmp_path / "c.yaml"
+    base = {"server": {"host": "127.0.0.1", "grpc_port": port, "metrics_port": 0},
+            "auth": {"issuers": [{"issuer": "https://x", "jwks_url": dead}],
+                     "jwks_timeout": "300ms"}}
+    cfg.write_text(yaml.safe_dump(base))
+    r = run("serve", "--config", str(cfg))
+    assert r.returncode == 2 and "jwks" in (r.stdout + r.stderr).lower()
+
+    base["auth"]["on_jwks_unavailable"] = "retry"  # type: ignore[index]
+    cfg.write_text(yaml.safe_dump(base))
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    time.sleep(2.5)
+    assert p.p.poll() is None
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        resp = pb_grpc.AuthorizationStub(ch).Check(check_request("x"), timeout=2)
+        assert resp.denied_response.status.code == 503
+        assert json.loads(resp.denied_response.body)["reason"] == "not_ready"
+
+
+def test_no_issuers_refuses_to_start() -> None:
+    r = run("serve", "--grpc-port", str(free_port()))
+    assert r.returncode == 2 and "no issuers configured" in r.stderr
+
+
+def test_dev_mode_prints_working_tokens(procs: list[Proc]) -> None:
+    port = free_port()
+    p = Proc(["serve", "--dev", "--grpc-port", str(port), "--metrics-port", "0"], port)
+    procs.append(p)
+    p.wait_serving()
+    p.p.send_signal(signal.SIGTERM)
+    out = p.output()
+    token = next(line.split()[-1] for line in out.splitlines() if "alice (plan free)" in line)
+    assert "DEVELOPMENT MODE" in out
+    # and the token works against a fresh dev server? No: the key was ephemeral.
+    p2 = Proc(["serve", "--dev", "--grpc-port", str(port), "--metrics-port", "0"], port)
+    procs.append(p2)
+    p2.wait_serving()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = pb_grpc.AuthorizationStub(ch).Check(check_request(token), timeout=2)
+    assert resp.denied_response.status.code == 401
+
+
+def test_sigterm_under_load_drains_without_failures(tmp_path: Path, issuer: TestIssuer,
+                                                    procs: list[Proc]) -> None:
+    cfg = write_config(tmp_path, issuer, server={"drain_delay": "1s"})
+    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    p.wait_serving()
+    token = issuer.mint("loadtest", plan="pro")
+    results: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.AuthorizationStub(ch)
+            futures = []
+            while not stop.is_set():
+                futures.append(stub.Check.future(check_request(token), timeout=5))
+                if len(futures) >= 32:
+                    for f in futures:
+                        results.append(_outcome(f))
+                    futures.clear()
+            for f in futures:
+                results.append(_outcome(f))
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        p.p.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        # health turns NOT_SERVING at once while checks are still answered (drain delay)
+        h = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    time.sleep(0.5)
+    stop.set()
+    for w in workers:
+        w.join(timeout=20)
+    assert p.p.wait(timeout=15) == 0
+    answered = [r for r in results if r != "rpc_error"]
+    assert len(answered) > 50
+    # every check sent before the listener closed got an answer (200 or 429), none failed
+    assert results.count("rpc_error") == 0, results[-40:]
+
+
+def _outcome(f: Any) -> str:
+    try:
+        resp = f.result()
+    except grpc.RpcError:
+        return "rpc_error"
+    return "200" if resp.status.code == 0 else str(resp.denied_response.status.code)
+
+
+def test_two_workers_share_the_port_and_restart(tmp_path: Path, issuer: TestIssuer,
+                                                procs: list[Proc]) -> None:
+    cfg = write_config(tmp_path, issuer, server={"workers": 2})
+    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    p.wait_serving()
+    children = _children(p.p.pid)
+    assert len(children) == 2
+    os.kill(children[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = _children(p.p.pid)
+        if len(now) == 2 and children[0] not in now:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("dead worker was not restarted")
+    p.wait_serving()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = pb_grpc.AuthorizationStub(ch).Check(check_request(issuer.mint("w")), timeout=5)
+    assert resp.status.code == 0
+    p.p.send_signal(signal.SIGTERM)
+    assert p.p.wait(timeout=20) == 0
+    assert not _children(p.p.pid)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]

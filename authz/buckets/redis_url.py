@@ -1,0 +1,110 @@
+"""`store.redis_url` -> where and how to connect, with errors that say what is wrong.
+
+redis://[[user]:password@]host[:port][/db], rediss://... (TLS), unix://[[user]:password@]/path
+[?db=N&password=...]. The query accepts `db`, `password` and the TLS options `ssl_cert_reqs`
+(none|optional|required), `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_check_hostname`;
+anything else is refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio.connection import parse_url
+
+from .base import StoreError
+
+DEFAULT_PORT = 6379
+_TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+                "ssl_check_hostname")
+_KNOWN = {"host", "port", "path", "db", "username", "password", "connection_class",
+          *_TLS_OPTIONS}
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
+              "required": ssl.CERT_REQUIRED}
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    host: str = ""
+    port: int = DEFAULT_PORT
+    path: str = ""  # unix socket; set instead of host/port
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+
+    @property
+    def display(self) -> str:
+        """Where, for messages: never the password."""
+        if self.path:
+            return f"unix://{self.path}" + (f"?db={self.db}" if self.db else "")
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        raise StoreError(f"store.redis_url must start with redis://, rediss:// or unix:// "
+                         f"(got {_redact(url)!r})")
+    try:
+        kwargs: dict[str, Any] = dict(parse_url(url))
+    except ValueError as e:
+        raise StoreError(f"store.redis_url {_redact(url)!r} is invalid: {e}") from None
+    unknown = sorted(set(kwargs) - _KNOWN)
+    if unknown:
+        raise StoreError(f"store.redis_url {_redact(url)!r}: unsupported option(s) "
+                         f"{', '.join(unknown)}; supported: db, password, "
+                         f"{', '.join(_TLS_OPTIONS)}")
+    db = kwargs.get("db", 0)
+    if db < 0:
+        raise StoreError(f"store.redis_url {_redact(url)!r}: db must be >= 0")
+    common: dict[str, Any] = {"db": db, "username": kwargs.get("username"),
+                              "password": kwargs.get("password")}
+    if scheme == "unix":
+        if not kwargs.get("path"):
+            raise StoreError(f"store.redis_url {_redact(url)!r}: no socket path "
+                             "(expected unix:///path/to/redis.sock)")
+        if any(k in kwargs for k in _TLS_OPTIONS):
+            raise StoreError(f"store.redis_url {_redact(url)!r}: TLS options need rediss://")
+        return RedisAddress(path=kwargs["path"], **common)
+    if not kwargs.get("host"):
+        raise StoreError(f"store.redis_url {_redact(url)!r}: no host "
+                         "(expected redis://host:port/db)")
+    tls = _tls_context(url, kwargs) if scheme == "rediss" else None
+    if tls is None and any(k in kwargs for k in _TLS_OPTIONS):
+        raise StoreError(f"store.redis_url {_redact(url)!r}: TLS options need rediss://")
+    return RedisAddress(host=kwargs["host"], port=kwargs.get("port", DEFAULT_PORT), tls=tls,
+                        **common)
+
+
+def _tls_context(url: str, kwargs: dict[str, Any]) -> ssl.SSLContext:
+    reqs_name = str(kwargs.get("ssl_cert_reqs", "required")).lower()
+    if reqs_name not in _CERT_REQS:
+        raise StoreError(f"store.redis_url {_redact(url)!r}: ssl_cert_reqs must be one of "
+                         f"none, optional, required (got {reqs_name!r})")
+    try:
+        ctx = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
+        if "ssl_certfile" in kwargs:
+            ctx.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
+    except (OSError, ssl.SSLError) as e:
+        raise StoreError(f"store.redis_url {_redact(url)!r}: cannot load TLS files: {e}") from None
+    check_hostname = kwargs.get("ssl_check_hostname", reqs_name == "required")
+    ctx.check_hostname = bool(check_hostname) and reqs_name != "none"
+    ctx.verify_mode = _CERT_REQS[reqs_name]
+    return ctx
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced, for error messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    if "password=" in tail:
+        tail = tail.split("password=")[0] + "password=***"
+    return f"{scheme}{sep}{netloc}{slash}{tail}"

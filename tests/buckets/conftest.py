@@ -1,0 +1,76 @@
+"""Fixtures for the bucket-store tests: a real redis-server and each store under test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from authz.buckets import DenyCache, MemoryBucketStore, RedisBucketStore
+from authz.buckets.base import BucketStore
+from authz.config.settings import StoreSettings
+from tests.support.redis_server import RedisServer
+
+# Generous next to the 50 ms production default: CI machines stall; the timeout tests set
+# their own small value.
+TEST_TIMEOUT = 0.5
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server shared by the tests that do not stop or pause it."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer) -> RedisServer:
+    """The shared server, emptied and with its command statistics reset."""
+    with redis_server.client() as client:
+        client.flushall()
+        client.config_resetstat()
+    return redis_server
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for stopping, restarting and pausing."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def identity() -> str:
+    """A fresh identity hash, so tests never share buckets."""
+    return uuid.uuid4().hex
+
+
+@pytest.fixture(params=["memory", "redis", "deny-cache"])
+async def store(request: pytest.FixtureRequest, redis_db: RedisServer
+                ) -> AsyncIterator[BucketStore]:
+    """Every store behind the same BucketStore contract (the deny cache wraps Redis)."""
+    kind = request.param
+    settings = StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT)
+    s: BucketStore
+    if kind == "memory":
+        s = MemoryBucketStore(settings)
+    elif kind == "redis":
+        s = RedisBucketStore(settings)
+    else:
+        s = DenyCache(RedisBucketStore(settings))
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def redis_store(redis_db: RedisServer) -> AsyncIterator[RedisBucketStore]:
+    s = RedisBucketStore(StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT))
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()

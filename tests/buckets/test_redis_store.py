@@ -1,0 +1,355 @@
+"""What only the Redis store has: keys and TTLs, one EVALSHA per decision, pipelining, script
+reloads, outages, URLs. Every test talks to a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis.crc import key_slot
+
+from authz.buckets import RedisBucketStore, StoreError
+from authz.buckets import redis as redis_module
+from authz.buckets.base import BucketSpec
+from authz.config.settings import StoreSettings
+from tests.support.redis_server import RedisServer, free_port
+
+TEST_TIMEOUT = 0.5  # as in conftest: generous, CI machines stall
+
+
+def spec(identity: str, limit: str = "per-minute", capacity: float = 10,
+         rate: float = 1.0) -> BucketSpec:
+    return BucketSpec(key=f"{{{identity}}}:free:{limit}", name=limit, capacity=capacity,
+                      rate=rate)
+
+
+def commandstats(server: RedisServer) -> dict[str, int]:
+    with server.client() as client:
+        stats: dict[str, Any] = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def reset_stats(server: RedisServer) -> None:
+    with server.client() as client:
+        client.config_resetstat()
+
+
+async def wait_until_ready(store: RedisBucketStore, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not store.ready:
+        assert time.monotonic() < deadline, "the store did not reconnect by itself"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def store_on_own(own_redis: RedisServer) -> AsyncIterator[RedisBucketStore]:
+    s = RedisBucketStore(StoreSettings(redis_url=own_redis.url, timeout=0.2))
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# -- keys ------------------------------------------------------------------------------------
+async def test_keys_carry_the_prefix_and_hash_tag_and_a_ttl(
+        redis_store: RedisBucketStore, redis_db: RedisServer, identity: str) -> None:
+    result = await redis_store.charge([spec(identity, capacity=10, rate=2)], 4)
+    assert result.buckets[0].reset_after == pytest.approx(2.0, abs=0.01)
+    key = f"authz:{{{identity}}}:free:per-minute"
+    with redis_db.client() as client:
+        assert client.keys("*") == [key]
+        # Time to refill (2 s) plus the 1 s margin.
+        assert 2000 < client.pttl(key) <= 3000
+    # The hash tag: every bucket of one identity maps to the identity's Redis Cluster slot.
+    assert key_slot(key.encode()) == key_slot(identity.encode())
+
+
+async def test_key_prefix_comes_from_settings(redis_db: RedisServer, identity: str) -> None:
+    store = RedisBucketStore(StoreSettings(redis_url=redis_db.url, key_prefix="rl:"))
+    await store.start()
+    try:
+        await store.charge([spec(identity)], 1)
+    finally:
+        await store.close()
+    with redis_db.client() as client:
+        assert client.keys("*") == [f"rl:{{{identity}}}:free:per-minute"]
+
+
+async def test_idle_buckets_vanish(redis_store: RedisBucketStore, redis_db: RedisServer,
+                                   identity: str) -> None:
+    # Full again after 0.1 s, so the key lives ~1.1 s (the 1 s margin).
+    await redis_store.charge([spec(identity, capacity=2, rate=10)], 1)
+    with redis_db.client() as client:
+        assert client.dbsize() == 1
+        deadline = time.monotonic() + 3.0
+        while client.dbsize():
+            assert time.monotonic() < deadline, "the idle bucket's key never expired"
+            await asyncio.sleep(0.05)
+    # An absent bucket is a full one.
+    result = await redis_store.charge([spec(identity, capacity=2, rate=10)], 1)
+    assert result.buckets[0].remaining == pytest.approx(1)
+
+
+async def test_a_refusal_writes_nothing(redis_store: RedisBucketStore, redis_db: RedisServer,
+                                        identity: str) -> None:
+    bucket = spec(identity, capacity=1, rate=0.001)
+    await redis_store.charge([bucket], 1)
+    reset_stats(redis_db)
+    assert not (await redis_store.charge([bucket], 1)).allowed
+    assert "set" not in commandstats(redis_db)
+
+
+# -- round trips and pipelining ----------------------------------------------------------------
+async def test_one_evalsha_per_decision_whatever_the_number_of_limits(
+        redis_store: RedisBucketStore, redis_db: RedisServer, identity: str) -> None:
+    reset_stats(redis_db)
+    batches = redis_store.stats.batches
+    for n in (1, 2, 3, 5):
+        await redis_store.charge([spec(identity, f"limit-{i}") for i in range(n)], 1)
+    calls = commandstats(redis_db)
+    assert calls.pop("evalsha") == 4
+    # Inside the script: one TIME, then one GET and one SET per bucket. Nothing else reached
+    # Redis from the store (no SCRIPT EXISTS, no EVAL); the rest is this test's own client.
+    assert calls.pop("time") == 4
+    assert calls.pop("get") == calls.pop("set") == 1 + 2 + 3 + 5
+    assert set(calls) <= {"info", "config|resetstat", "hello", "client|setinfo"}
+    assert redis_store.stats.batches - batches == 4
+
+
+async def test_concurrent_charges_are_coalesced(redis_db: RedisServer) -> None:
+    store = RedisBucketStore(StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT,
+                                           max_batch=64))
+    await store.start()
+    try:
+        reset_stats(redis_db)
+        results = await asyncio.gather(
+            *(store.charge([spec(f"{i:032x}")], 1) for i in range(200)))
+        assert all(r.allowed for r in results)
+        # 200 charges made in one loop tick: ceil(200 / 64) pipelined writes.
+        assert store.stats.batches == 4
+        assert store.stats.batched_calls == store.stats.calls == 200
+        assert commandstats(redis_db)["evalsha"] == 200
+    finally:
+        await store.close()
+
+
+async def test_each_batch_is_one_span(redis_store: RedisBucketStore, identity: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(redis_module, "_tracer", provider.get_tracer("test"))
+    await asyncio.gather(*(redis_store.charge([spec(f"{identity}{i}")], 1) for i in range(10)))
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["redis.charge"]
+    assert spans[0].attributes is not None
+    assert spans[0].attributes["db.operation.batch.size"] == 10
+    assert spans[0].attributes["db.system"] == "redis"
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others(
+        redis_store: RedisBucketStore, identity: str) -> None:
+    bucket = spec(identity, capacity=10, rate=0.001)
+    task = asyncio.ensure_future(redis_store.charge([bucket], 1))
+    others = [asyncio.ensure_future(redis_store.charge([bucket], 1)) for _ in range(3)]
+    await asyncio.sleep(0)  # queued and written
+    task.cancel()
+    results = await asyncio.gather(*others)
+    assert all(r.allowed for r in results)
+    after = await redis_store.charge([bucket], 1)
+    # The cancelled charge may or may not have reached Redis; the pipeline stayed in step.
+    assert after.buckets[0].remaining == pytest.approx(5, abs=1.01)
+    assert redis_store.stats.connects == 1
+
+
+async def test_two_replicas_never_over_admit(redis_db: RedisServer, identity: str) -> None:
+    """Two stores (two service replicas) on one identity: Redis's clock and atomic script
+    keep the total within burst + rate x elapsed."""
+    settings = StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT)
+    stores = [RedisBucketStore(settings), RedisBucketStore(settings)]
+    for s in stores:
+        await s.start()
+    burst, rate, duration = 5, 50.0, 1.0
+    bucket = spec(identity, "per-second", burst, rate)
+    admitted = 0
+
+    async def worker(store: RedisBucketStore) -> None:
+        nonlocal admitted
+        while time.monotonic() < stop_at:
+            result = await store.charge([bucket], 1)
+            admitted += result.allowed
+
+    try:
+        start = time.monotonic()
+        stop_at = start + duration
+        await asyncio.gather(*(worker(stores[i % 2]) for i in range(16)))
+        outer = time.monotonic() - start
+    finally:
+        for s in stores:
+            await s.close()
+    assert burst + rate * duration * 0.9 <= admitted <= burst + rate * outer + 1
+
+
+# -- scripts -----------------------------------------------------------------------------------
+async def test_noscript_reloads_transparently(redis_store: RedisBucketStore,
+                                              redis_db: RedisServer, identity: str) -> None:
+    bucket = spec(identity, capacity=100, rate=0.001)
+    assert (await redis_store.charge([bucket], 1)).allowed
+    with redis_db.client() as client:
+        client.script_flush()
+    reset_stats(redis_db)
+    # A whole batch meets NOSCRIPT: one SCRIPT LOAD, then every call retried after it.
+    results = await asyncio.gather(*(redis_store.charge([bucket], 1) for _ in range(20)))
+    assert all(r.allowed for r in results)
+    assert min(r.buckets[0].remaining for r in results) == pytest.approx(79, abs=0.01)
+    assert redis_store.stats.script_loads == 1
+    calls = commandstats(redis_db)
+    assert calls["script|load"] == 1
+    assert calls["evalsha"] == 40  # 20 refused with NOSCRIPT, 20 retried
+    assert redis_store.stats.errors == 0
+
+
+async def test_a_bad_value_in_a_bucket_key_is_a_store_error(
+        redis_store: RedisBucketStore, redis_db: RedisServer, identity: str) -> None:
+    with redis_db.client() as client:
+        client.set(f"authz:{{{identity}}}:free:garbage", "not a bucket")
+        client.hset(f"authz:{{{identity}}}:free:hash", "a", "b")
+    with pytest.raises(StoreError, match="unexpected value"):
+        await redis_store.charge([spec(identity, "garbage")], 1)
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        await redis_store.charge([spec(identity, "hash")], 1)
+    # Error replies keep the connection in step: it is still used.
+    assert (await redis_store.charge([spec(identity)], 1)).allowed
+    assert redis_store.stats.connects == 1
+
+
+# -- outages -----------------------------------------------------------------------------------
+async def test_redis_stopped_then_back(store_on_own: RedisBucketStore, own_redis: RedisServer,
+                                       identity: str) -> None:
+    store = store_on_own
+    assert (await store.charge([spec(identity)], 1)).allowed
+    own_redis.stop()
+    for _ in range(3):
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.charge([spec(identity)], 1)
+        assert time.monotonic() - started < 0.2 + 0.1  # within the timeout
+    assert not store.ready
+
+    own_redis.start()  # same port, no data (persistence is off)
+    await wait_until_ready(store)
+    result = await store.charge([spec(identity)], 1)
+    assert result.allowed and result.buckets[0].remaining == pytest.approx(9)
+
+
+async def test_redis_paused_times_out_then_recovers(
+        store_on_own: RedisBucketStore, own_redis: RedisServer, identity: str) -> None:
+    store = store_on_own
+    assert (await store.charge([spec(identity)], 1)).allowed
+    own_redis.pause()
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"did not answer|no connection"):
+                await store.charge([spec(identity)], 1)
+            elapsed = time.monotonic() - started
+            assert 0.15 < elapsed < 0.2 + 0.15, elapsed
+        assert store.stats.timeouts == 1  # the connection in flight was dropped, not reused
+    finally:
+        own_redis.resume()
+    await wait_until_ready(store)
+    assert (await store.charge([spec(identity)], 1)).allowed
+    assert store.stats.connects >= 2
+
+
+async def test_close_then_charge_is_a_store_error(redis_db: RedisServer, identity: str) -> None:
+    store = RedisBucketStore(StoreSettings(redis_url=redis_db.url))
+    await store.start()
+    assert store.ready
+    await store.close()
+    assert not store.ready
+    with pytest.raises(StoreError, match="closed"):
+        await store.charge([spec(identity)], 1)
+
+
+# -- URLs and authentication -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def password_redis() -> Iterator[RedisServer]:
+    with RedisServer(password="s3cret", extra_args=(
+            "--user", "alice", "on", ">alice-pw", "~*", "+@all")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("make_url", [
+    lambda s: s.url,  # redis://:s3cret@127.0.0.1:port/0
+    lambda s: f"redis://alice:alice-pw@127.0.0.1:{s.port}/2",
+    lambda s: s.unix_url,  # unix:///.../redis.sock?password=s3cret
+])
+async def test_urls_with_credentials(password_redis: RedisServer, identity: str,
+                                     make_url: Any) -> None:
+    store = RedisBucketStore(StoreSettings(redis_url=make_url(password_redis)))
+    await store.start()
+    try:
+        assert (await store.charge([spec(identity)], 1)).allowed
+    finally:
+        await store.close()
+
+
+async def test_db_number_is_selected(password_redis: RedisServer, identity: str) -> None:
+    store = RedisBucketStore(StoreSettings(
+        redis_url=f"redis://alice:alice-pw@127.0.0.1:{password_redis.port}/3"))
+    await store.start()
+    try:
+        await store.charge([spec(identity)], 1)
+    finally:
+        await store.close()
+    with password_redis.client() as client:
+        client.select(3)
+        assert client.exists(f"authz:{{{identity}}}:free:per-minute")
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://127.0.0.1:6379", "must start with redis://"),
+    ("127.0.0.1:6379", "must start with redis://"),
+    ("redis://", "no host"),
+    ("redis://127.0.0.1:6379/0?frobnicate=1", "unsupported option"),
+    ("redis://127.0.0.1:6379/0?ssl_cert_reqs=none", "TLS options need rediss://"),
+    ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=sometimes", "ssl_cert_reqs must be"),
+    ("unix://", "no socket path"),
+    ("unix:///nonexistent/redis.sock", "cannot connect"),
+    ("redis://127.0.0.1:{free}/0", "cannot connect to Redis at redis://127.0.0.1"),
+])
+async def test_bad_urls_fail_at_start_with_a_clear_message(url: str, message: str) -> None:
+    store = RedisBucketStore(StoreSettings(redis_url=url.format(free=free_port())))
+    with pytest.raises(StoreError, match=message):
+        await store.start()
+    assert not store.ready
+
+
+@pytest.mark.parametrize("make_url", [
+    lambda s: f"redis://:wrong@127.0.0.1:{s.port}/0",
+    lambda s: f"redis://127.0.0.1:{s.port}/0",
+])
+async def test_wrong_credentials_fail_at_start_without_leaking_them(
+        password_redis: RedisServer, make_url: Any) -> None:
+    store = RedisBucketStore(StoreSettings(redis_url=make_url(password_redis)))
+    with pytest.raises(StoreError, match="refused the connection setup") as info:
+        await store.start()
+    assert "wrong" not in str(info.value).replace("WRONGPASS", "")
+
+
+async def test_unreachable_url_fails_within_the_connect_timeout() -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never routed, so the SYN goes unanswered (or is rejected).
+    store = RedisBucketStore(StoreSettings(redis_url="redis://192.0.2.1:6379/0"),
+                             connect_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"192\.0\.2\.1"):
+        await store.start()
+    assert time.monotonic() - started < 1.0

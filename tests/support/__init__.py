@@ -1,0 +1,1 @@
+"""Helpers for tests: real components started and stopped by the tests themselves."""

@@ -1,0 +1,169 @@
+"""A real `redis-server` for tests, on a free loopback port, never the system one on 6379.
+
+Persistence is off (`--save "" --appendonly no`) and everything it writes lives in its own
+temporary directory, removed on stop. The server can be stopped and restarted on the same
+port (outage tests) and paused with SIGSTOP (a "slow Redis": the socket stays open, nothing
+answers). Always used through a fixture or `with`, so it is stopped even when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+REDIS_SERVER = os.environ.get("AUTHZ_TEST_REDIS_SERVER", "/usr/bin/redis-server")
+
+# A redis-server starts in ~10 ms here; 10 s tolerates a loaded CI machine.
+_START_TIMEOUT = 10.0
+_STOP_TIMEOUT = 5.0
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    def __init__(self, *, password: str | None = None, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.password = password
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.dir = Path(tempfile.mkdtemp(prefix="authz-redis-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_socket(self) -> Path:
+        return self.dir / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        query = f"?password={self.password}" if self.password else ""
+        return f"unix://{self.unix_socket}{query}"
+
+    def client(self) -> redis.Redis:
+        """A plain synchronous client for assertions (INFO, TTL, SCRIPT FLUSH, ...)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                           socket_timeout=5.0, decode_responses=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> RedisServer:
+        if self.running:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--unixsocket", str(self.unix_socket),
+            "--unixsocketperm", "700",
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--logfile", str(self.dir / "redis.log"),
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        args += list(self.extra_args)
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        try:
+            self._wait_until_answering()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_answering(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode}: "
+                                   f"{self.log_tail()}")
+            try:
+                with self.client() as client:
+                    if client.ping():
+                        return
+            except redis.RedisError as e:
+                last_error = e
+            time.sleep(0.01)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING within "
+                           f"{_START_TIMEOUT} s ({last_error}): {self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the process and remove its directory (persistence is off). Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        if self._paused:
+            self.resume(proc)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(_STOP_TIMEOUT)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port (an outage the client must survive)."""
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers, like an overloaded Redis."""
+        if self._proc is None:
+            raise RuntimeError("redis-server is not running")
+        self._proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+        proc = proc or self._proc
+        if proc is not None and self._paused:
+            proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = (self.dir / "redis.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> RedisServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -62,11 +62,13 @@ def parse_settings(data: Any, file: str, *, base_dir: Path | None = None) -> Set
     quota_file = root.opt_str("quota_file")
     if quota_file is not None and base_dir is not None:
         quota_file = str(base_dir / quota_file)
+    reload_interval = root.duration("quota_reload_interval", 10.0, allow_zero=True)
     internal = root.integer("internal_error_status", 500, minimum=500, maximum=599)
     root.done()
     return Settings(
         server=server, auth=auth, store=store, paths=paths, headers=headers,
-        telemetry=telemetry, quota_file=quota_file, internal_error_status=internal,
+        telemetry=telemetry, quota_file=quota_file, quota_reload_interval=reload_interval,
+        internal_error_status=internal,
     )
 
 

@@ -122,5 +122,9 @@ class Settings:
     # Path of the quota file (resolved relative to the config file), or None for the embedded
     # default quota.
     quota_file: str | None = None
+    # The quota file is re-read on SIGHUP and whenever its modification time changes (checked
+    # this often; 0 = only on SIGHUP). Kubernetes updates a mounted ConfigMap within about a
+    # minute, so a few seconds of polling is not what limits how fast a change lands.
+    quota_reload_interval: float = 10.0
     # Internal failures (a bug) get this status; never an allow.
     internal_error_status: int = 500

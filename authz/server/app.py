@@ -25,9 +25,11 @@ from grpc_health.v1.health import aio as health_aio
 from ..buckets.base import BucketStore, StoreError
 from ..buckets.deny_cache import DenyCache
 from ..buckets.memory import MemoryBucketStore
+from ..config.errors import ConfigError
 from ..config.settings import Settings
 from ..decision import DecisionMaker
 from ..paths import PathClassifier
+from ..quota import load_quota
 from ..quota.model import Quota
 from ..quota.resolve import Resolver
 from ..tokens.verifier import Authenticator
@@ -62,6 +64,7 @@ class Components:
     store: BucketStore
     service: AuthorizationService
     readiness: Readiness
+    decider: Decider
 
 
 def build_components(settings: Settings, quota: Quota, *,
@@ -73,7 +76,8 @@ def build_components(settings: Settings, quota: Quota, *,
     decider = Decider(maker=DecisionMaker(settings), paths=PathClassifier(settings.paths),
                       authenticator=authenticator, resolver=Resolver(quota), store=store,
                       readiness=readiness)
-    return Components(authenticator, store, AuthorizationService(decider, telemetry), readiness)
+    return Components(authenticator, store, AuthorizationService(decider, telemetry), readiness,
+                      decider)
 
 
 class Server:
@@ -90,6 +94,8 @@ class Server:
         self.port = 0
         self._grpc: grpc.aio.Server | None = None
         self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._quota_mtime = _mtime(settings.quota_file)
 
     async def start(self) -> None:
         s = self.settings.server
@@ -122,6 +128,34 @@ class Server:
         except StoreError as e:
             raise StartupError(f"cannot use the bucket store: {e}") from None
         await self._wait_ready()
+        if self.settings.quota_file and self.settings.quota_reload_interval > 0:
+            self._tasks.append(asyncio.create_task(self._watch_quota()))
+
+    def reload_quota(self) -> bool:
+        """Re-read the quota file; on any error keep the current quota. Returns success."""
+        path = self.settings.quota_file
+        if path is None:
+            return False
+        self._quota_mtime = _mtime(path)
+        try:
+            quota = load_quota(path)
+        except ConfigError as e:
+            log.error("quota reload failed; keeping the current quota: %s", e)
+            if self.telemetry is not None:
+                self.telemetry.config_reloaded(False)
+            return False
+        # One assignment: a decision in flight keeps the resolver it started with.
+        self.components.decider.resolver = Resolver(quota)
+        log.info("quota reloaded", extra={"quota_file": path, "plans": len(quota.plans)})
+        if self.telemetry is not None:
+            self.telemetry.config_reloaded(True)
+        return True
+
+    async def _watch_quota(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.settings.quota_reload_interval)
+            if _mtime(self.settings.quota_file) != self._quota_mtime:
+                self.reload_quota()
 
     async def _wait_ready(self) -> None:
         # With on_jwks_unavailable: retry the authenticator may not be ready yet: stay
@@ -147,6 +181,8 @@ class Server:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
         s = self.settings.server
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"drain_delay_s": s.drain_delay,
@@ -189,8 +225,8 @@ async def serve(settings: Settings, quota: Quota, *,
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-
     server = Server(settings, quota, static_issuers=static_issuers, telemetry=telemetry)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_quota)
     try:
         start = asyncio.create_task(server.start())
         stop_wait = asyncio.create_task(stop.wait())
@@ -210,3 +246,12 @@ async def serve(settings: Settings, quota: Quota, *,
         return EXIT_STARTUP
     await server.stop()
     return 0
+
+
+def _mtime(path: str | None) -> float | None:
+    if path is None:
+        return None
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None

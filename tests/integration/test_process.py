@@ -269,3 +269,38 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(x) for x in text.split()]
+
+
+def test_quota_reload_on_sighup_keeps_old_quota_on_error(tmp_path: Path, issuer: TestIssuer,
+                                                         procs: list[Proc]) -> None:
+    quota = tmp_path / "quota.yaml"
+    quota.write_text("default_plan: free\nplans: {free: {models: {allowed: {}}}}\n")
+    cfg = write_config(tmp_path, issuer)
+    data = yaml.safe_load(cfg.read_text())
+    data["quota_file"] = "quota.yaml"
+    data["quota_reload_interval"] = 0
+    cfg.write_text(yaml.safe_dump(data))
+    port = data["server"]["grpc_port"]
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    p.wait_serving()
+    token = issuer.mint("rel")
+
+    def status(model: str) -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            r = pb_grpc.AuthorizationStub(ch).Check(
+                check_request(token, f"/v1/models/{model}:predict"), timeout=5)
+        return 200 if r.status.code == 0 else int(r.denied_response.status.code)
+
+    assert (status("allowed"), status("other")) == (200, 403)
+    quota.write_text("default_plan: free\nplans: {free: {models: {other: {}}}}\n")
+    p.p.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert (status("allowed"), status("other")) == (403, 200)
+    quota.write_text("default_plan: free\nplans: {free: {models: {allowed: {cost: -1}}}}\n")
+    p.p.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert (status("allowed"), status("other")) == (403, 200)  # bad file: old quota kept
+    p.p.send_signal(signal.SIGTERM)
+    out = p.output()
+    assert "quota reload failed" in out and "plans.free.models.allowed.cost" in out

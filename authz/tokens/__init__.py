@@ -1,0 +1,14 @@
+"""Bearer JWT verification: key sources, the Authenticator and its verified-claims cache."""
+
+from authz.tokens.base import Identity, TokenFailure
+from authz.tokens.keys import KeySourceError
+from authz.tokens.verifier import Authenticator, KeySourceStats, identity_key
+
+__all__ = [
+    "Authenticator",
+    "Identity",
+    "KeySourceError",
+    "KeySourceStats",
+    "TokenFailure",
+    "identity_key",
+]

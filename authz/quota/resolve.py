@@ -17,6 +17,9 @@ from .model import BUILTIN_PLANS, Limit, ModelRule, Plan, Quota
 # Model names come from request paths, so a caller can invent any number of them; the
 # per-plan model -> rule memo is bounded and simply stops memoizing past this size.
 _MODEL_MEMO_MAX = 4096
+# Grants per (identity, plan, model): rebuilt bucket specs cost ~5 us per request otherwise.
+# ~400 bytes each; the memo is dropped whole when full (cheap, and it refills with who is active).
+_GRANT_MEMO_MAX = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class Resolver:
     def __init__(self, quota: Quota) -> None:
         self.quota = quota
         self._memo: dict[str, dict[str, _Charge | object]] = {name: {} for name in quota.plans}
+        self._grants: dict[tuple[str, str, str], Grant | Refusal] = {}
 
     def plan_for(self, identity: Identity) -> Plan:
         q = self.quota
@@ -61,6 +65,16 @@ class Resolver:
 
     def resolve(self, identity: Identity, model: str) -> Grant | Refusal:
         plan = self.plan_for(identity)
+        key = (identity.key, plan.name, model)
+        found = self._grants.get(key)
+        if found is None:
+            found = self._resolve(identity, plan, model)
+            if len(self._grants) >= _GRANT_MEMO_MAX:
+                self._grants.clear()
+            self._grants[key] = found
+        return found
+
+    def _resolve(self, identity: Identity, plan: Plan, model: str) -> Grant | Refusal:
         if plan.blocked:
             return Refusal(plan.name, "blocked")
         if plan.unlimited:

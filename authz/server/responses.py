@@ -9,11 +9,11 @@ Envoy semantics this relies on (verified on Envoy 1.40, see README "How Envoy us
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import base_pb2
+import dataclasses
+from typing import Any
+
 from envoy.service.auth.v3 import external_auth_pb2 as pb
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import wrappers_pb2
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2
 
 from ..decision import Decision, Headers
 
@@ -25,53 +25,79 @@ _GRPC_CODE = {
     429: code_pb2.RESOURCE_EXHAUSTED,
     503: code_pb2.UNAVAILABLE,
 }
-_FALSE = wrappers_pb2.BoolValue(value=False)
-_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
 
 
-def _options(headers: Headers) -> list[base_pb2.HeaderValueOption]:
-    return [
-        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append=_FALSE)
-        for k, v in headers
-    ]
+def _add(field: Any, headers: Headers) -> None:
+    # Field-by-field `.add()` is ~4x cheaper than building HeaderValueOption(...) objects with
+    # keyword arguments and copying them in (measured: 8.7 us vs 35 us for six headers).
+    for k, v in headers:
+        option = field.add()
+        option.header.key = k
+        option.header.value = v
+        option.append.value = False
 
 
 def to_check_response(d: Decision) -> pb.CheckResponse:
+    r = pb.CheckResponse()
     if d.allowed:
-        return pb.CheckResponse(
-            status=_OK_STATUS,
-            ok_response=pb.OkHttpResponse(
-                headers=_options(d.upstream_headers),
-                headers_to_remove=d.remove_headers,
-                response_headers_to_add=_options(d.response_headers),
-            ),
-        )
-    return pb.CheckResponse(
-        status=status_pb2.Status(code=_GRPC_CODE.get(d.status, code_pb2.INTERNAL),
-                                 message=d.reason),
-        denied_response=pb.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=d.status),  # type: ignore[arg-type,unused-ignore]
-            headers=_options(d.response_headers),
-            body=d.body,
-        ),
-    )
+        r.status.code = code_pb2.OK
+        ok = r.ok_response
+        _add(ok.headers, d.upstream_headers)
+        ok.headers_to_remove.extend(d.remove_headers)
+        _add(ok.response_headers_to_add, d.response_headers)
+        return r
+    r.status.code = _GRPC_CODE.get(d.status, code_pb2.INTERNAL)
+    r.status.message = d.reason
+    denied = r.denied_response
+    denied.status.code = d.status  # type: ignore[assignment,unused-ignore]
+    _add(denied.headers, d.response_headers)
+    denied.body = d.body
+    return r
+
+
+# Bounded caches below: keys are caller-influenced (subjects), so past the cap they stop growing
+# and fall back to building. 10k entries of ~200-byte messages is ~2-4 MB.
+_CACHE_MAX = 10_000
 
 
 class ResponseCache:
-    """CheckResponses for the decisions that never vary (401s, 400s, public paths).
+    """Builds CheckResponses, reusing what repeats.
 
-    Keyed by the Decision object's identity: DecisionMaker returns the same object for those,
-    and this cache holds a reference to it, so the id cannot be reused while cached.
+    - Decisions that never vary (401s, 400s, public paths) are built once (`prebuild`), keyed
+      by the Decision object's identity: DecisionMaker returns the same object for them and
+      the cache keeps a reference, so the id cannot be reused.
+    - An allow's identity part (upstream headers) repeats for every request of a caller: it is
+      cached and copied (CopyFrom ~1 us), and only the RateLimit headers are added.
+    - Denies with the same headers and body (a caller hammering past its limit) are cached whole.
     """
 
     def __init__(self) -> None:
         self._by_id: dict[int, tuple[Decision, pb.CheckResponse]] = {}
+        self._allow_base: dict[tuple[Headers, tuple[str, ...]], pb.CheckResponse] = {}
+        self._denied: dict[tuple[int, str, Headers, str], pb.CheckResponse] = {}
 
     def get(self, d: Decision) -> pb.CheckResponse:
         hit = self._by_id.get(id(d))
         if hit is not None:
             return hit[1]
-        return to_check_response(d)
+        if d.allowed:
+            key = (d.upstream_headers, d.remove_headers)
+            base = self._allow_base.get(key)
+            if base is None:
+                base = to_check_response(dataclasses.replace(d, response_headers=()))
+                if len(self._allow_base) < _CACHE_MAX:
+                    self._allow_base[key] = base
+            r = pb.CheckResponse()
+            r.CopyFrom(base)
+            _add(r.ok_response.response_headers_to_add, d.response_headers)
+            return r
+        dkey = (d.status, d.reason, d.response_headers, d.body)
+        resp = self._denied.get(dkey)
+        if resp is None:
+            resp = to_check_response(d)
+            if len(self._denied) < _CACHE_MAX:
+                self._denied[dkey] = resp
+        return resp
 
     def prebuild(self, d: Decision) -> None:
         self._by_id[id(d)] = (d, to_check_response(d))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class TokenFailure(str, Enum):
+class TokenFailure(StrEnum):
     MISSING = "missing_token"  # no authorization header, or empty
     MALFORMED = "malformed_token"  # not "Bearer <jwt>", bad base64/JSON, several values
     TOO_LARGE = "token_too_large"

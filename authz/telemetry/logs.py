@@ -1,0 +1,197 @@
+"""Logs: JSON lines on stderr with the trace and span ids, a rate-limited deny line, and the
+effective configuration with its secrets masked."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from opentelemetry import trace
+
+from authz.config.settings import Settings
+
+MASK = "***"
+# Setting names whose values are secrets wherever they appear.
+SECRET_FIELDS = frozenset({"subject_salt", "password", "secret", "client_secret", "token"})
+# URL query parameters whose values are secrets (redis-py accepts ?password=...).
+SECRET_QUERY_PARAMS = frozenset(
+    {"password", "pass", "pwd", "secret", "token", "access_token", "api_key", "apikey", "key",
+     "sig", "signature"}
+)
+
+# LogRecord attributes that are not user fields.
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+_handler_marker = "_authz_handler"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, trace_id, span_id, then `extra` fields.
+
+    trace_id/span_id come from `extra` when given (the deny line passes its check's span), else
+    from the span current when the line is logged.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _iso(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if "trace_id" not in record.__dict__:
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                out["trace_id"] = format(ctx.trace_id, "032x")
+                out["span_id"] = format(ctx.span_id, "016x")
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for development; extra fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = {
+            k: v for k, v in record.__dict__.items()
+            if k not in _RECORD_ATTRS and not k.startswith("_")
+        }
+        if "trace_id" not in extra:
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                extra["trace_id"] = format(ctx.trace_id, "032x")
+        if extra:
+            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        return line
+
+
+def _iso(created: float) -> str:
+    secs = int(created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + (
+        f".{int((created - secs) * 1000):03d}Z"
+    )
+
+
+def parse_level(name: str, what: str = "telemetry.log_level") -> int:
+    level = logging.getLevelName(name.strip().upper())
+    if not isinstance(level, int):
+        raise ValueError(
+            f"{what}: {name!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)"
+        )
+    return level
+
+
+def configure_logging(settings: Settings, stream: Any = None) -> None:
+    """Send the root logger to stderr as JSON (or text) at `telemetry.log_level`.
+
+    Idempotent: replaces the handler installed by an earlier call, leaves others alone.
+    """
+    tele = settings.telemetry
+    level = parse_level(tele.log_level)
+    parse_level(tele.deny_log_level, "telemetry.deny_log_level")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, _handler_marker, False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    setattr(handler, _handler_marker, True)
+    handler.setFormatter(JsonFormatter() if tele.log_format == "json" else TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class DenySampler:
+    """At most `rate` lines per second (burst `max(1, rate)`), counting the ones dropped.
+
+    rate <= 0 turns the deny line off.
+    """
+
+    __slots__ = ("_burst", "_last", "_rate", "_tokens", "suppressed")
+
+    def __init__(self, rate: float, clock: Any = time.monotonic) -> None:
+        self._rate = rate
+        self._burst = max(1.0, rate)
+        self._tokens = self._burst
+        self._last = clock()
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        if self._rate <= 0:
+            return False
+        tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        self.suppressed += 1
+        return False
+
+
+# ---- effective configuration -------------------------------------------------------------
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in a URL's userinfo and secret-looking query values."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        # A lone userinfo (`https://TOKEN@host`) is often a credential itself: mask it too.
+        netloc = f"{user}:{MASK}@{hostport}" if sep else f"{MASK}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = "&".join(
+            f"{k}={MASK if k.lower() in SECRET_QUERY_PARAMS else v}" for k, v in pairs
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def masked(value: Any, key: str = "") -> Any:
+    """A JSON-able copy of settings (dataclasses, mappings, sequences) with secrets masked."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: masked(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): masked(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [masked(v, key) for v in value]
+    if isinstance(value, str):
+        if key.lower() in SECRET_FIELDS:
+            return MASK if value else ""
+        return mask_url(value)
+    return value
+
+
+def log_effective_config(
+    settings: Settings, telemetry: Any = None, logger: logging.Logger | None = None
+) -> None:
+    """One INFO line with the effective settings (and telemetry setup), secrets masked."""
+    log = logger or logging.getLogger("authz.config")
+    fields: dict[str, Any] = {"settings": masked(settings)}
+    if telemetry is not None:
+        fields["telemetry"] = telemetry.describe()
+    log.info("effective configuration", extra=fields)

@@ -1,0 +1,94 @@
+"""Per-check cost of start_check + finish_check, tracing off and on (not a test; run by hand).
+
+    .venv/bin/python tests/telemetry/bench_overhead.py
+
+"on" = sampler always_on, a traceparent header with the sampled flag, BatchSpanProcessor to an
+exporter that drops everything (the issue's budget: telemetry on costs <= 10% of a ~300 us check).
+Both configurations also run the metric path (decision counter, latency histogram, one store
+call) and a rate-limited deny line every 10th check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import time
+import timeit
+from collections.abc import Sequence
+
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from authz.config.settings import ServerSettings, Settings
+from authz.decision import Decision, Outcome
+from authz.telemetry import Telemetry
+
+
+class DropExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+HEADERS = {
+    ":authority": "models.example.com",
+    ":method": "POST",
+    ":path": "/v1/models/llama:predict",
+    "authorization": "Bearer " + "x" * 800,
+    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "x-request-id": "5d1c2c1e-5b8a-4c7e-9d1a-0c7a1f6d2b11",
+    "content-type": "application/json",
+}
+ALLOW = Decision(
+    allowed=True, status=200, outcome=Outcome.ALLOWED, reason="ok",
+    plan="pro", model="*", limit="per-second", token_cache_hit=True,
+)
+DENY = Decision(
+    allowed=False, status=429, outcome=Outcome.RATE_LIMITED, reason="rate_limited",
+    plan="free", model="*", limit="per-minute", token_cache_hit=True,
+)
+
+
+def run(telemetry: Telemetry, n: int) -> float:
+    decisions = [DENY if i % 10 == 0 else ALLOW for i in range(n)]
+    it = iter(decisions)
+
+    def one() -> None:
+        with telemetry.start_check(HEADERS) as scope:
+            telemetry.observe_store_call(0.0002, True)
+            scope.finish(next(it), "user-1234", path="/v1/models/llama:predict")
+
+    # CPU time of this process (all threads, so the span processor's thread counts too), not
+    # wall time: other work on a shared machine must not inflate the result.
+    return timeit.Timer(one, timer=time.process_time).timeit(number=n) / n * 1e6
+
+
+def main() -> None:
+    logging.basicConfig(stream=open(os.devnull, "w"), level=logging.INFO)  # noqa: SIM115
+    settings = Settings(server=ServerSettings(metrics_port=0))
+    env_off = {"OTEL_TRACES_EXPORTER": "none"}
+    env_on = {"OTEL_TRACES_SAMPLER": "always_on"}
+    os.environ.update(env_on)
+    off = Telemetry.from_settings(
+        settings, metric_reader=InMemoryMetricReader(), environ=env_off, install_global=False
+    )
+    on = Telemetry.from_settings(
+        settings, span_exporter=DropExporter(), metric_reader=InMemoryMetricReader(),
+        environ=env_on, install_global=False,
+    )
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
+    results: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(5):
+        results["off"].append(run(off, n))
+        results["on"].append(run(on, n))
+    for name, values in results.items():
+        print(f"tracing {name}: median {statistics.median(values):.1f} us/check "
+              f"(min {min(values):.1f}, runs {', '.join(f'{v:.1f}' for v in values)})")
+    off.shutdown()
+    on.shutdown()
+
+
+if __name__ == "__main__":
+    main()

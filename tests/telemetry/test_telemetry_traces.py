@@ -1,0 +1,199 @@
+"""Check spans: joined to the caller's trace, with the decision's attributes, never the token."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from authz.telemetry import RPC_ATTRIBUTES, SPAN_NAME
+from tests.telemetry.conftest import (
+    ALLOWED,
+    BACKEND_ERROR,
+    PARENT_SPAN_ID,
+    RATE_LIMITED,
+    TOKEN,
+    TRACE_ID,
+    TRACEPARENT,
+    Harness,
+    MakeHarness,
+    make_settings,
+    request_headers,
+)
+
+
+def _only_span(h: Harness) -> trace.Span:
+    spans = h.finished_spans()
+    assert len(spans) == 1, spans
+    return spans[0]
+
+
+def test_traceparent_makes_the_check_span_a_child_of_the_callers_span(harness: Harness) -> None:
+    harness.check(ALLOWED, request_headers(traceparent=TRACEPARENT))
+    span = _only_span(harness)
+    assert span.name == SPAN_NAME == "envoy.service.auth.v3.Authorization/Check"
+    assert span.kind is SpanKind.SERVER
+    assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert span.parent is not None and span.parent.is_remote
+    assert format(span.parent.span_id, "016x") == PARENT_SPAN_ID
+    assert span.context.span_id != span.parent.span_id
+    attrs = dict(span.attributes)
+    assert attrs == {
+        **RPC_ATTRIBUTES,
+        "authz.decision": "allowed",
+        "authz.reason": "ok",
+        "authz.status": 200,
+        "authz.plan": "pro",
+        "authz.model": "llama-*",
+        "authz.limit": "per-second",
+        "authz.token_cache.hit": True,
+        "enduser.pseudo.id": hashlib.sha256(b"pepper\0user-1").hexdigest()[:16],
+    }
+    assert span.status.status_code is StatusCode.UNSET
+
+
+def test_deny_span_carries_reason_and_limit(harness: Harness) -> None:
+    harness.check(RATE_LIMITED, request_headers(traceparent=TRACEPARENT))
+    attrs = dict(_only_span(harness).attributes)
+    assert attrs["authz.decision"] == "rate_limited"
+    assert attrs["authz.status"] == 429
+    assert attrs["authz.limit"] == "per-minute"
+    assert attrs["authz.plan"] == "free"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {
+            "x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_SPAN_ID, "x-b3-sampled": "1",
+        },
+        {"b3": f"{TRACE_ID}-{PARENT_SPAN_ID}-1"},
+    ],
+    ids=["b3-multi", "b3-single"],
+)
+def test_b3_headers_join_the_trace(harness: Harness, headers: dict[str, str]) -> None:
+    harness.check(ALLOWED, request_headers(**headers))
+    span = _only_span(harness)
+    assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT_SPAN_ID
+
+
+def test_without_trace_headers_the_span_starts_a_new_trace(harness: Harness) -> None:
+    harness.check(ALLOWED)
+    span = _only_span(harness)
+    assert span.parent is None
+    assert span.context.trace_id != int(TRACE_ID, 16)
+
+
+def test_malformed_traceparent_starts_a_new_trace(harness: Harness) -> None:
+    harness.check(ALLOWED, request_headers(traceparent="00-zz-not-a-trace-01"))
+    assert _only_span(harness).parent is None
+
+
+def test_unsampled_parent_exports_no_span_but_still_counts(harness: Harness) -> None:
+    harness.check(ALLOWED, request_headers(traceparent=f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"))
+    assert harness.finished_spans() == []
+    [point] = harness.metrics()["authz.decisions"]
+    assert point.value == 1
+
+
+def test_store_and_jwks_spans_nest_under_the_check_span(harness: Harness) -> None:
+    provider = harness.telemetry.tracer_provider
+    assert provider is not None
+    # What authz.buckets.redis / authz.tokens do, with this test's provider instead of the
+    # global one (tests/telemetry/test_telemetry_otlp.py covers the global installation).
+    tracer = trace.get_tracer("authz.buckets.redis", tracer_provider=provider)
+    with harness.telemetry.start_check(request_headers(traceparent=TRACEPARENT)) as scope:
+        with tracer.start_as_current_span("redis.charge"):
+            pass
+        scope.finish(ALLOWED, "user-1")
+    # Outside the block the caller's context is back.
+    assert not trace.get_current_span().get_span_context().is_valid
+    by_name = {s.name: s for s in harness.finished_spans()}
+    check, child = by_name[SPAN_NAME], by_name["redis.charge"]
+    assert child.parent is not None and child.parent.span_id == check.context.span_id
+    assert child.context.trace_id == check.context.trace_id == int(TRACE_ID, 16)
+
+
+def test_the_token_and_raw_subject_never_reach_the_span(harness: Harness) -> None:
+    harness.check(ALLOWED, request_headers(traceparent=TRACEPARENT), subject="alice@example.com")
+    span = _only_span(harness)
+    values = [str(v) for v in span.attributes.values()]
+    assert not any(TOKEN in v or "eyJ" in v or "alice" in v for v in values)
+
+
+def test_subject_attribute_none_leaves_the_subject_out(make_harness: MakeHarness) -> None:
+    h = make_harness(make_settings(subject_attribute="none"))
+    h.check(ALLOWED, request_headers(traceparent=TRACEPARENT))
+    assert "enduser.pseudo.id" not in _only_span(h).attributes
+
+
+def test_subject_hash_depends_on_the_salt(make_harness: MakeHarness) -> None:
+    a = make_harness(make_settings(subject_salt="one")).telemetry
+    b = make_harness(make_settings(subject_salt="two")).telemetry
+    assert a.subject_hash("user-1") != b.subject_hash("user-1")
+    assert a.subject_hash("user-1") == a.subject_hash("user-1")
+    assert len(a.subject_hash("\ud800 lone surrogate")) == 16  # no UnicodeEncodeError
+
+
+def test_backend_error_marks_the_span_as_error(harness: Harness) -> None:
+    harness.check(BACKEND_ERROR, request_headers(traceparent=TRACEPARENT))
+    span = _only_span(harness)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "store_unavailable"
+
+
+def test_an_exception_in_the_block_is_recorded_and_counted(harness: Harness) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with harness.telemetry.start_check(request_headers(traceparent=TRACEPARENT)):
+            raise RuntimeError("boom")
+    span = _only_span(harness)
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == ["exception"]
+    assert span.attributes["authz.reason"] == "unhandled_exception"
+    metrics = harness.metrics()
+    [decision] = metrics["authz.decisions"]
+    assert dict(decision.attributes)["outcome"] == "internal_error"
+    [inflight] = metrics["authz.checks.inflight"]
+    assert inflight.value == 0
+
+
+def test_finish_twice_counts_once(harness: Harness) -> None:
+    with harness.telemetry.start_check(request_headers()) as scope:
+        scope.finish(ALLOWED)
+        scope.finish(RATE_LIMITED)
+        harness.telemetry.finish_check(scope, RATE_LIMITED)
+    assert scope.finished
+    [point] = harness.metrics()["authz.decisions"]
+    assert point.value == 1 and dict(point.attributes)["outcome"] == "allowed"
+    assert len(harness.finished_spans()) == 1
+
+
+def test_tracing_off_by_default_without_an_otlp_endpoint(make_harness: MakeHarness) -> None:
+    h = make_harness(tracing=False, environ={})
+    assert h.telemetry.tracer_provider is None
+    with h.telemetry.start_check(request_headers(traceparent=TRACEPARENT)) as scope:
+        assert scope.span is None
+        assert not trace.get_current_span().get_span_context().is_valid
+        scope.finish(ALLOWED)
+    [point] = h.metrics()["authz.decisions"]
+    assert point.value == 1
+
+
+def test_sdk_disabled_turns_everything_off(make_harness: MakeHarness) -> None:
+    h = make_harness(environ={"OTEL_SDK_DISABLED": "true"})
+    assert h.telemetry.tracer_provider is None
+    assert h.telemetry.meter_provider is None
+    h.check(ALLOWED)  # still works, records nothing
+    assert h.spans.get_finished_spans() == ()
+
+
+def test_configured_propagators_are_honoured(make_harness: MakeHarness) -> None:
+    h = make_harness(environ={"OTEL_PROPAGATORS": "b3"})  # W3C no longer read
+    h.check(ALLOWED, request_headers(traceparent=TRACEPARENT))
+    assert _only_span(h).parent is None
+    h.spans.clear()
+    h.check(ALLOWED, request_headers(b3=f"{TRACE_ID}-{PARENT_SPAN_ID}-1"))
+    assert format(_only_span(h).context.trace_id, "032x") == TRACE_ID

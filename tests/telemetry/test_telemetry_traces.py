@@ -146,9 +146,11 @@ def test_backend_error_marks_the_span_as_error(harness: Harness) -> None:
 
 
 def test_an_exception_in_the_block_is_recorded_and_counted(harness: Harness) -> None:
-    with pytest.raises(RuntimeError, match="boom"):
-        with harness.telemetry.start_check(request_headers(traceparent=TRACEPARENT)):
-            raise RuntimeError("boom")
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        harness.telemetry.start_check(request_headers(traceparent=TRACEPARENT)),
+    ):
+        raise RuntimeError("boom")
     span = _only_span(harness)
     assert span.status.status_code is StatusCode.ERROR
     assert [e.name for e in span.events] == ["exception"]

@@ -1,0 +1,148 @@
+"""CPU time and resident memory of a process and its descendants, read from /proc (Linux).
+
+The benchmark divides a server's CPU seconds by the checks it answered (CPU per check), and the
+RSS check samples resident memory; both count the whole process tree, so a server that forks
+workers is measured as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ProcError(RuntimeError):
+    """A child process did not start or died; the message carries the end of its log."""
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces: split after it.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by pid and its descendants (living ones)."""
+    total = 0
+    for p in descendants(pid):
+        fields = _stat_fields(p)
+        if fields is not None:
+            # After the name: state ppid ... utime is field 14 overall, index 11 here.
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of pid and its descendants."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        total += pages * _PAGE
+    return total
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (another process may still take it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Proc:
+    """A child process (own session, log file); stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, cpu: str | None) -> None:
+        self.name = name
+        self.argv = (["taskset", "-c", cpu] if cpu is not None else []) + list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with open(self.log_path, "ab") as out:
+            self.popen = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=REPO, start_new_session=True,
+                env={k: v for k, v in os.environ.items() if not k.startswith("AUTHZ_")},
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def check_alive(self) -> None:
+        if self.popen is not None and self.popen.poll() is not None:
+            raise ProcError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        p, self.popen = self.popen, None
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def start_redis(work: Path, cpu: str | None) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--dir", str(work)], work, cpu)
+    proc.start()
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        proc.check_alive()
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise ProcError(f"redis-server did not answer:\n{proc.tail()}") from None
+            time.sleep(0.05)
+    client.close()
+    return proc, port

@@ -15,9 +15,13 @@ At startup, once per process (after forking workers: SDK threads do not survive 
 
 In the Check handler::
 
-    with telemetry.start_check(headers) as scope:      # headers: the request's HTTP headers
-        decision = await decide(...)                   # redis.charge / jwks.fetch spans nest here
-        scope.finish(decision, subject, path=path)     # == telemetry.finish_check(scope, ...)
+    scope = telemetry.start_check(headers)             # headers: the request's HTTP headers
+    try:
+        with scope:                                    # redis.charge / jwks.fetch spans nest here
+            decision, subject = await decide(...)
+    except Exception:
+        decision, subject = internal_error_decision, None
+    telemetry.finish_check(scope, decision, subject, path=path)   # exactly once, always
     return to_response(decision)
 
 - `start_check` must be called with the CheckRequest's `attributes.request.http.headers` (a
@@ -26,10 +30,10 @@ In the Check handler::
 - The `with` block makes the check span the current span while the decision is awaited; spans
   that other modules start with `opentelemetry.trace.get_tracer(__name__)` become its children
   (from_settings installs its TracerProvider as the global one, unless one is already set).
-- Call `finish` inside the block (the deny line then carries the trace id). If the block is left
-  by an exception, or without `finish`, the check is counted as internal_error with reason
-  "unhandled_exception"/"unfinished_check" and the span records the exception; the exception
-  still propagates. `finish` twice is harmless.
+  An exception leaving the block is recorded on the span and propagates.
+- `finish_check` (or `scope.finish(...)`) ends the span, counts the decision and the latency,
+  writes the sampled deny line, and decrements in-flight: call it exactly once per scope, inside
+  or after the block (a second call is ignored). Until it is called the check stays in flight.
 - `subject` is only ever exported as a salted hash (telemetry.subject_attribute: hashed) or not
   at all (none); never pass the token.
 - Store calls: `telemetry.observe_store_call(seconds, ok, error_type="timeout")` per charge.

@@ -71,10 +71,14 @@ def _resource() -> Resource:
 
 
 class CheckScope:
-    """One check in flight. Use it as a context manager around the awaited decision:
-    inside `with scope:` the check's span is the current span, so spans the store and the JWKS
-    fetcher start become its children. Leaving the block without `finish` (an exception) counts
-    the check as internal_error and ends the span with the exception recorded."""
+    """One check in flight, from `Telemetry.start_check` to `Telemetry.finish_check`.
+
+    Use it as a context manager around the awaited decision: inside `with scope:` the check's
+    span is the current span, so spans the store and the JWKS fetcher start become its children.
+    An exception leaving the block is recorded on the span (and propagates); the caller still
+    finishes the scope, normally with its internal-error decision. `finish` may be called inside
+    or after the block, exactly once (later calls are ignored).
+    """
 
     __slots__ = ("_context", "_finished", "_start", "_telemetry", "_token", "span")
 
@@ -103,8 +107,12 @@ class CheckScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._finished:
-            self._telemetry._abandon(self, exc)
+        if exc is not None and self.span is not None and not self._finished:
+            try:
+                if self.span.is_recording():
+                    self.span.record_exception(exc)
+            except Exception:
+                _log.exception("recording the exception on the check span failed")
         if self._token is not None:
             otel_context.detach(self._token)  # type: ignore[arg-type]
             self._token = None
@@ -161,6 +169,8 @@ class Telemetry:
         elif config.tracing:
             exporters.extend(_span_exporters(config))
         if exporters and not config.sdk_disabled:
+            # First what can fail (an unknown propagator), then what starts threads.
+            self._extract = make_extractor(config.propagators)
             # Sampler from OTEL_TRACES_SAMPLER(_ARG); default parentbased_always_on, so Envoy's
             # sampling decision (the traceparent flags) is the one that counts.
             provider = TracerProvider(resource=self._resource, shutdown_on_exit=False)
@@ -169,7 +179,6 @@ class Telemetry:
                 provider.add_span_processor(BatchSpanProcessor(exporter))
             self.tracer_provider = provider
             self._tracer = provider.get_tracer(SCOPE_NAME, _package_version())
-            self._extract = make_extractor(config.propagators)
             # Others' `trace.get_tracer(__name__)` (redis.charge, jwks.fetch) resolve through the
             # global provider. The API allows setting it once per process.
             if install_global and isinstance(trace.get_tracer_provider(), ProxyTracerProvider):
@@ -403,22 +412,6 @@ class Telemetry:
                 fields["trace_id"] = format(ctx.trace_id, "032x")
                 fields["span_id"] = format(ctx.span_id, "016x")
         _deny_log.log(self._deny_level, "deny", extra=fields)
-
-    def _abandon(self, scope: CheckScope, exc: BaseException | None) -> None:
-        """The `with scope:` block ended without finish(): a bug or an exception."""
-        span = scope.span
-        if span is not None and exc is not None and span.is_recording():
-            span.record_exception(exc)
-        reason = "unhandled_exception" if exc is not None else "unfinished_check"
-        self.finish_check(
-            scope,
-            Decision(
-                allowed=False,
-                status=self.settings.internal_error_status,
-                outcome=Outcome.INTERNAL_ERROR,
-                reason=reason,
-            ),
-        )
 
     def subject_hash(self, subject: str) -> str:
         """Salted SHA-256 of the subject, first 16 hex chars (64 bits: collisions are

@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from opentelemetry import trace
 
@@ -168,7 +168,13 @@ def mask_url(url: str) -> str:
         query = "&".join(
             f"{k}={MASK if k.lower() in SECRET_QUERY_PARAMS else v}" for k, v in pairs
         )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # Not urlunsplit: it drops the empty authority of `unix:///path`.
+    out = f"{parts.scheme}://{netloc}{parts.path}"
+    if query:
+        out += f"?{query}"
+    if parts.fragment:
+        out += f"#{parts.fragment}"
+    return out
 
 
 def masked(value: Any, key: str = "") -> Any:

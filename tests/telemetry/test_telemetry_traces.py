@@ -8,6 +8,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
+from authz.decision import Decision, Outcome
 from authz.telemetry import RPC_ATTRIBUTES, SPAN_NAME
 from tests.telemetry.conftest import (
     ALLOWED,
@@ -145,21 +146,37 @@ def test_backend_error_marks_the_span_as_error(harness: Harness) -> None:
     assert span.status.description == "store_unavailable"
 
 
-def test_an_exception_in_the_block_is_recorded_and_counted(harness: Harness) -> None:
-    with (
-        pytest.raises(RuntimeError, match="boom"),
-        harness.telemetry.start_check(request_headers(traceparent=TRACEPARENT)),
-    ):
+def test_an_exception_in_the_block_is_recorded_then_the_caller_finishes(
+    harness: Harness,
+) -> None:
+    """The server's pattern: the exception leaves the block, the handler answers 500 and
+    finishes the scope with that decision."""
+    scope = harness.telemetry.start_check(request_headers(traceparent=TRACEPARENT))
+    with pytest.raises(RuntimeError, match="boom"), scope:
         raise RuntimeError("boom")
+    assert harness.metrics()["authz.checks.inflight"][0].value == 1  # not finished yet
+    internal = Decision(allowed=False, status=500, outcome=Outcome.INTERNAL_ERROR,
+                        reason="internal_error")
+    harness.telemetry.finish_check(scope, internal)
     span = _only_span(harness)
     assert span.status.status_code is StatusCode.ERROR
     assert [e.name for e in span.events] == ["exception"]
-    assert span.attributes["authz.reason"] == "unhandled_exception"
+    assert span.events[0].attributes["exception.message"] == "boom"
+    assert span.attributes["authz.decision"] == "internal_error"
     metrics = harness.metrics()
     [decision] = metrics["authz.decisions"]
     assert dict(decision.attributes)["outcome"] == "internal_error"
-    [inflight] = metrics["authz.checks.inflight"]
-    assert inflight.value == 0
+    assert metrics["authz.checks.inflight"][0].value == 0
+
+
+def test_finish_after_leaving_the_block_keeps_the_decision(harness: Harness) -> None:
+    scope = harness.telemetry.start_check(request_headers(traceparent=TRACEPARENT))
+    with scope:
+        pass
+    harness.telemetry.finish_check(scope, RATE_LIMITED, "user-1")
+    assert _only_span(harness).attributes["authz.decision"] == "rate_limited"
+    [point] = harness.metrics()["authz.decisions"]
+    assert dict(point.attributes)["outcome"] == "rate_limited"
 
 
 def test_finish_twice_counts_once(harness: Harness) -> None:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from opentelemetry import trace
@@ -131,8 +131,8 @@ class _Link(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -471,7 +471,12 @@ class RedisBucketStore:
                 link.inflight.extend(_Call(c, f, deadline) for c, f in
                                      zip(handshake, futures, strict=True))
                 link.send(b"".join(handshake))
-                replies = await asyncio.gather(*futures)
+                # return_exceptions: every reply is consumed, so a refused AUTH followed by
+                # refused SELECT / SCRIPT LOAD leaves no "exception never retrieved" behind.
+                replies = await asyncio.gather(*futures, return_exceptions=True)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
         except TimeoutError:
             link.abort()
             raise StoreError(f"Redis at {address.display} did not answer within "
@@ -483,6 +488,9 @@ class RedisBucketStore:
             link.abort()
             raise StoreError(f"Redis at {address.display} refused the connection "
                              f"setup: {e}") from None
+        except BaseException:  # cancelled (close() during a reconnect): no half-open socket
+            link.abort()
+            raise
         if replies[-1] != SCRIPT_SHA:
             link.abort()
             raise StoreError(f"Redis at {address.display} loaded token_bucket.lua as "
@@ -494,10 +502,12 @@ class RedisBucketStore:
 def _result(buckets: Sequence[BucketSpec], reply: Any) -> ChargeResult:
     """token_bucket.lua's {allowed, retry_after, (remaining, reset_after, retry_after)...}."""
     try:
-        states = tuple(
-            BucketState(spec.name, spec.capacity, float(reply[i]), float(reply[i + 1]),
-                        float(reply[i + 2]))
-            for spec, i in zip(buckets, range(2, 2 + 3 * len(buckets), 3), strict=True))
-        return ChargeResult(reply[0] == 1, states, float(reply[1]))
+        states = []
+        i = 2
+        for spec in buckets:
+            states.append(BucketState(spec.name, spec.capacity, float(reply[i]),
+                                      float(reply[i + 1]), float(reply[i + 2])))
+            i += 3
+        return ChargeResult(reply[0] == 1, tuple(states), float(reply[1]))
     except (TypeError, ValueError, IndexError) as e:
         raise StoreError(f"unexpected reply from token_bucket.lua: {reply!r:.200}") from e

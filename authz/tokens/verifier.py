@@ -368,11 +368,13 @@ class Authenticator:
             return TokenFailure.MALFORMED
 
     def _extract(self, authorization: str | None) -> str | TokenFailure:
-        if authorization is None or not authorization.strip():
+        if not authorization:
             return TokenFailure.MISSING
         # Size first: a megabyte header costs nothing more than this comparison.
         if len(authorization) > self._max_header:
             return TokenFailure.TOO_LARGE
+        if not authorization.strip():
+            return TokenFailure.MISSING
         # Envoy joins repeated headers with ',' (never valid in a JWT): two Authorization
         # headers are refused rather than one of them picked.
         if "," in authorization:

@@ -316,6 +316,19 @@ class Authenticator:
             )
         return stats
 
+    def jwks_refresh_counts(self) -> dict[tuple[str, str], int]:
+        """(issuer, "ok" | "failed") -> JWKS fetches so far, URL issuers only.
+
+        Plain reads of ints: safe to call from a metrics exporter thread.
+        """
+        counts: dict[tuple[str, str], int] = {}
+        for issuer in self._issuers.values():
+            src = issuer.source
+            if isinstance(src, UrlKeySource):
+                counts[(issuer.name, "ok")] = src.refreshes_ok
+                counts[(issuer.name, "failed")] = src.refreshes_failed
+        return counts
+
     # -- the hot path ----------------------------------------------------------------------------
 
     def authenticate_cached(self, authorization: str | None) -> Identity | None:

@@ -173,6 +173,7 @@ async def test_fetched_once_then_refetched_on_unknown_kid_rate_limited(
         assert server.jwks_fetches() == 3
         stats = auth.key_stats()[0]
         assert (stats.refreshes_ok, stats.refreshes_failed, stats.kid_refetches) == (3, 0, 2)
+        assert auth.jwks_refresh_counts() == {(ISS_A, "ok"): 3, (ISS_A, "failed"): 0}
 
 
 async def test_last_good_keys_kept_when_the_server_breaks(server: JwksServer, keys: Keys) -> None:

@@ -414,8 +414,9 @@ class RedisBucketStore:
                 "(store.timeout); connection dropped"))
         pending = self._pending
         while pending and pending[0].deadline <= now:
-            self._fail(pending.popleft(), f"Redis unavailable: no connection within "
-                                          f"{self._timeout * 1000:g} ms ({self._down_reason})")
+            self._fail(pending.popleft(),
+                       f"Redis unavailable: not connected within {self._timeout * 1000:g} ms "
+                       f"(last error: {self._down_reason})")
         self._arm_timer()
 
     # -- connecting ------------------------------------------------------------------------

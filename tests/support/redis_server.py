@@ -37,8 +37,11 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(self, *, password: str | None = None, port: int | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 tls: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+        """`tls`: serve TLS only (rediss://), with a throwaway CA whose certificate is at
+        `ca_file`; the server certificate names 127.0.0.1 and localhost."""
         self.password = password
+        self.tls = tls
         self.port = port or free_port()
         self.extra_args = extra_args
         self.dir = Path(tempfile.mkdtemp(prefix="authz-redis-"))
@@ -47,8 +50,14 @@ class RedisServer:
 
     # -- addresses -------------------------------------------------------------------------
     @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_file}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
@@ -63,7 +72,8 @@ class RedisServer:
     def client(self) -> redis.Redis:
         """A plain synchronous client for assertions (INFO, TTL, SCRIPT FLUSH, ...)."""
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
-                           socket_timeout=5.0, decode_responses=True)
+                           socket_timeout=5.0, decode_responses=True, ssl=self.tls,
+                           ssl_ca_certs=str(self.ca_file) if self.tls else None)
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -76,7 +86,7 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         args = [
             REDIS_SERVER,
-            "--port", str(self.port),
+            *(self._tls_args() if self.tls else ["--port", str(self.port)]),
             "--bind", "127.0.0.1",
             "--unixsocket", str(self.unix_socket),
             "--unixsocketperm", "700",
@@ -97,6 +107,14 @@ class RedisServer:
             self.stop()
             raise
         return self
+
+    def _tls_args(self) -> list[str]:
+        _write_certificates(self.dir)
+        return ["--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.dir / "server.pem"),
+                "--tls-key-file", str(self.dir / "server.key"),
+                "--tls-ca-cert-file", str(self.ca_file),
+                "--tls-auth-clients", "no"]
 
     def _wait_until_answering(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT
@@ -167,3 +185,48 @@ class RedisServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _write_certificates(directory: Path) -> None:
+    """A throwaway CA (ca.pem) and a server certificate it signed (server.pem/.key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "authz test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))

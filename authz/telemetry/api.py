@@ -27,7 +27,7 @@ from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCod
 
 from authz.config.settings import Settings
 from authz.decision import Decision, Outcome
-from authz.telemetry.config import TelemetryConfig
+from authz.telemetry.config import TelemetryConfig, TelemetryConfigError
 from authz.telemetry.logs import DenySampler, mask_url, parse_level
 from authz.telemetry.metrics import BridgedHistogram, Counts, HistogramBridge, create_instruments
 from authz.telemetry.propagation import make_extractor
@@ -159,7 +159,8 @@ class Telemetry:
         self._stopped = False
         self._installed_global = False
 
-        # ---- traces
+        # Everything that can fail on bad configuration (unknown propagator, OTLP exporter not
+        # importable) happens before anything starts a thread or touches global state.
         self.tracer_provider: TracerProvider | None = None
         self._tracer: trace.Tracer | None = None
         self._extract = None
@@ -168,9 +169,19 @@ class Telemetry:
             exporters.append(span_exporter)
         elif config.tracing:
             exporters.extend(_span_exporters(config))
-        if exporters and not config.sdk_disabled:
-            # First what can fail (an unknown propagator), then what starts threads.
+        tracing = bool(exporters) and not config.sdk_disabled
+        if tracing:
             self._extract = make_extractor(config.propagators)
+        self.meter_provider: MeterProvider | None = None
+        self._prometheus_registry: Any = None
+        readers: list[MetricReader] = []
+        if config.metrics:
+            readers.extend(self._metric_readers(config))
+        if metric_reader is not None and not config.sdk_disabled:
+            readers.append(metric_reader)
+
+        # ---- traces
+        if tracing:
             # Sampler from OTEL_TRACES_SAMPLER(_ARG); default parentbased_always_on, so Envoy's
             # sampling decision (the traceparent flags) is the one that counts.
             provider = TracerProvider(resource=self._resource, shutdown_on_exit=False)
@@ -186,14 +197,6 @@ class Telemetry:
                 self._installed_global = True
 
         # ---- metrics
-        self.meter_provider: MeterProvider | None = None
-        self._prometheus_reader: MetricReader | None = None
-        self._prometheus_registry: Any = None
-        readers: list[MetricReader] = []
-        if config.metrics:
-            readers.extend(self._metric_readers(config))
-        if metric_reader is not None and not config.sdk_disabled:
-            readers.append(metric_reader)
         if readers:
             version_ = _package_version()
             self.meter_provider = MeterProvider(
@@ -251,8 +254,7 @@ class Telemetry:
             # Our own registry: the scrape shows exactly these metrics, and several Telemetry
             # objects (tests) never collide in prometheus_client's global one.
             self._prometheus_registry = CollectorRegistry(auto_describe=True)
-            self._prometheus_reader = PrometheusMetricReader(registry=self._prometheus_registry)
-            readers.append(self._prometheus_reader)
+            readers.append(PrometheusMetricReader(registry=self._prometheus_registry))
         if "otlp" in config.metrics_exporters:
             # Interval from OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
             readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(config)))
@@ -525,22 +527,34 @@ def _set_attributes(span: trace.Span, attrs: Mapping[str, Any]) -> None:
         span.set_attributes(attrs)
 
 
+_BROKEN_PROTO_HINT = (
+    "the OTLP exporter cannot be imported ({error}). If the message names "
+    "opentelemetry.proto: xds-protos ships an older copy of the opentelemetry/proto files and "
+    "overwrote opentelemetry-proto's; reinstall it after the other dependencies: "
+    "pip install --force-reinstall --no-deps opentelemetry-proto==<installed version>"
+)
+
+
+def _otlp_class(module: str, name: str) -> Any:
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise TelemetryConfigError(_BROKEN_PROTO_HINT.format(error=e)) from e
+
+
 def _span_exporters(config: TelemetryConfig) -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
     for name in config.traces_exporters:
         if name == "otlp":
-            if config.traces_protocol == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                    OTLPSpanExporter as GrpcSpanExporter,
-                )
-
-                exporters.append(GrpcSpanExporter())
-            else:
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                    OTLPSpanExporter as HttpSpanExporter,
-                )
-
-                exporters.append(HttpSpanExporter())
+            # Endpoint, headers, timeout, compression, TLS: the exporter reads OTEL_EXPORTER_OTLP_*.
+            module = (
+                "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
+                if config.traces_protocol == "grpc"
+                else "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+            )
+            exporters.append(_otlp_class(module, "OTLPSpanExporter")())
         elif name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -549,14 +563,9 @@ def _span_exporters(config: TelemetryConfig) -> list[SpanExporter]:
 
 
 def _otlp_metric_exporter(config: TelemetryConfig) -> Any:
-    if config.metrics_protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter as GrpcMetricExporter,
-        )
-
-        return GrpcMetricExporter()
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-        OTLPMetricExporter as HttpMetricExporter,
+    module = (
+        "opentelemetry.exporter.otlp.proto.grpc.metric_exporter"
+        if config.metrics_protocol == "grpc"
+        else "opentelemetry.exporter.otlp.proto.http.metric_exporter"
     )
-
-    return HttpMetricExporter()
+    return _otlp_class(module, "OTLPMetricExporter")()

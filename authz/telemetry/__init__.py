@@ -41,6 +41,12 @@ In the Check handler::
 - All hot-path methods are for the event-loop thread, never raise, and cost ~1-2 us with
   tracing off and ~20 us with a sampled span (tests/telemetry/bench_overhead.py).
 
+Several worker processes (`--workers N`): the supervisor serves `server.metrics_port` with
+`authz.telemetry.aggregate.MetricsAggregator(host, metrics_port, worker_targets(metrics_port,
+N)).start()`, and starts worker i with `worker_environment(metrics_port, i)` in its environment
+(its own endpoint then listens on 127.0.0.1:metrics_port+1+i). Every series gets a `worker`
+label; `authz_worker_up{worker}` shows which workers answered.
+
 Environment (standard OpenTelemetry variables; see README "Observability"):
 OTEL_SDK_DISABLED, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_EXPORTER,
 OTEL_METRICS_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT / _PROTOCOL / _HEADERS (and the per-signal

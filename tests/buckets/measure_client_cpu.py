@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aredis
 
-from authz.buckets import RedisBucketStore
+from authz.buckets import MemoryBucketStore, RedisBucketStore
 from authz.buckets.base import BucketSpec
 from authz.buckets.redis import SCRIPT
 from authz.config.settings import StoreSettings
@@ -62,7 +62,23 @@ async def main() -> None:
         async def plain_charge() -> object:
             return await client.evalsha(sha, len(keys), *keys, *args)
 
-        for label, fn in (("RedisBucketStore", store_charge),
+        memory = MemoryBucketStore()
+        loop = asyncio.get_running_loop()
+
+        async def memory_charge() -> object:
+            result = await memory.charge(SPECS, 1)
+            await asyncio.sleep(0)  # yield like a real I/O wait would
+            return result
+
+        async def harness_only() -> object:
+            # The same await / wake-up pattern with no store at all: the floor under any store.
+            future = loop.create_future()
+            loop.call_soon(future.set_result, None)
+            return await future
+
+        for label, fn in (("harness only", harness_only),
+                          ("MemoryBucketStore", memory_charge),
+                          ("RedisBucketStore", store_charge),
                           ("redis.asyncio evalsha", plain_charge)):
             for workers in (1, 64):
                 batches0 = store.stats.batches

@@ -9,11 +9,13 @@
 #
 # BASE_IMAGE: any Debian-like image whose `python3` is CPython 3.11+ with the venv module.
 # The default is pinned to a patch release so a rebuild does not silently change Python; a
-# digest pin (python:3.11.14-slim-bookworm@sha256:...) would also freeze the Debian packages,
+# digest pin (...:3.11.14-slim-bookworm@sha256:...) would also freeze the Debian packages,
 # but it must be looked up from the registry you pull from, and then it needs a bot (Renovate,
 # Dependabot) to bring in security updates, so it is left to the deploying registry/CI.
 # Machines without registry access build on a local stand-in: scripts/image/base-image.sh.
-ARG BASE_IMAGE=python:3.11.14-slim-bookworm
+# Fully qualified, because podman refuses short names unless registries.conf lists a search
+# registry.
+ARG BASE_IMAGE=docker.io/library/python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------
 # builder: builds the project's wheel and installs it with its dependencies into a venv that

@@ -57,7 +57,7 @@ PIP_CA=${AUTHZ_PIP_CA:-${PIP_CERT:-}}
 
 if [[ "$ENGINE" == podman ]]; then
   # chroot isolation: RUN steps work in sandboxes without cgroups/rlimits (see
-  # tests/image/README.md). --pull=never with a localhost/ base: nothing to pull from.
+  # tests/image/engines.py). --pull=never with a localhost/ base: nothing to pull from.
   args+=(--isolation=chroot)
   [[ "$BASE" == localhost/* ]] && args+=(--pull=never)
 fi

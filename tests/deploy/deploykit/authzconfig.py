@@ -1,0 +1,78 @@
+"""The authz service config and quota as an overlay ships them (from the rendered ConfigMap),
+read with the service's own loaders, and the mesh registration in its three forms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from authz.config.loader import parse_settings
+from authz.config.settings import Settings
+from authz.quota.loader import parse_quota
+from authz.quota.model import Quota
+
+from .invariants import AuthzView
+from .render import Doc
+from .tools import DEPLOY
+
+REGISTRATION_DIR = DEPLOY / "istio"
+# The workload the CUSTOM policy protects (design document: app=inference-service).
+WORKLOAD_NAMESPACE = "ml-serving"
+WORKLOAD_LABELS = {"app": "inference-service"}
+
+
+def config_map(docs: Sequence[Doc]) -> Doc:
+    found = [d for d in docs if d["kind"] == "ConfigMap"
+             and d["metadata"]["name"].startswith("authz-config")
+             and d["metadata"].get("namespace") == "authz-system"]
+    assert len(found) == 1, f"expected one authz-config ConfigMap, found {len(found)}"
+    return found[0]
+
+
+def settings_and_quota(docs: Sequence[Doc]) -> tuple[Settings, Quota]:
+    data = config_map(docs)["data"]
+    settings = parse_settings(yaml.safe_load(data["config.yaml"]), "config.yaml",
+                              base_dir=Path("/etc/authz"))
+    assert settings.quota_file == "/etc/authz/quota.yaml", settings.quota_file
+    quota = parse_quota(yaml.safe_load(data["quota.yaml"]), "quota.yaml")
+    return settings, quota
+
+
+def registrations() -> dict[str, list[dict[str, Any]]]:
+    """extensionProviders as written in each registration form."""
+    operator = yaml.safe_load((REGISTRATION_DIR / "istio-operator.yaml").read_text())
+    helm = yaml.safe_load((REGISTRATION_DIR / "helm-values.yaml").read_text())
+    cm = yaml.safe_load((REGISTRATION_DIR / "mesh-configmap.yaml").read_text())
+    mesh = yaml.safe_load(cm["data"]["mesh"])
+    return {
+        "IstioOperator": operator["spec"]["meshConfig"]["extensionProviders"],
+        "Helm values": helm["meshConfig"]["extensionProviders"],
+        "istio ConfigMap": mesh["extensionProviders"],
+    }
+
+
+def provider_names() -> list[str]:
+    names = {p["name"] for providers in registrations().values() for p in providers}
+    return sorted(names)
+
+
+def view(docs: Sequence[Doc]) -> AuthzView:
+    settings, _ = settings_and_quota(docs)
+    [issuer] = settings.auth.issuers
+    [provider] = registrations()["IstioOperator"]
+    host = provider["envoyExtAuthzGrpc"]["service"]
+    return AuthzView(
+        protected_prefixes=settings.paths.protected_prefixes,
+        public_paths=settings.paths.public_paths,
+        issuer=issuer.issuer,
+        jwks_url=issuer.jwks_url,
+        audience=settings.auth.audience,
+        provider=provider["name"],
+        provider_host=host,
+        provider_namespace=host.split(".")[1],
+        workload_namespace=WORKLOAD_NAMESPACE,
+        workload_labels=WORKLOAD_LABELS,
+    )

@@ -1,0 +1,86 @@
+"""Render kustomizations with `kubectl kustomize` and load YAML documents."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .tools import DEPLOY, kubectl
+
+Doc = dict[str, Any]
+OVERLAYS = ("dev", "production")
+
+# Kinds served by Kubernetes itself (validated with kubernetes-validate); everything else is
+# a CRD kind validated elsewhere.
+BUILTIN_GROUPS = {"", "apps", "policy", "autoscaling", "networking.k8s.io", "batch"}
+
+
+def group_of(doc: Doc) -> str:
+    api = str(doc.get("apiVersion", ""))
+    return api.split("/")[0] if "/" in api else ""
+
+
+def is_builtin(doc: Doc) -> bool:
+    return group_of(doc) in BUILTIN_GROUPS
+
+
+def load_docs(text: str, source: str) -> list[Doc]:
+    docs = []
+    for doc in yaml.safe_load_all(text):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise AssertionError(f"{source}: a document is a {type(doc).__name__}, not a mapping")
+        docs.append(doc)
+    return docs
+
+
+def kustomize(path: Path) -> str:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"kustomize build {path} failed:\n{result.stderr}")
+    return result.stdout
+
+
+@cache
+def _render_cached(path: str) -> str:
+    return kustomize(Path(path))
+
+
+def render(target: str | Path) -> list[Doc]:
+    """Render an overlay name ("dev") or a kustomization directory."""
+    path = DEPLOY / "overlays" / target if isinstance(target, str) else target
+    return load_docs(_render_cached(str(path)), str(path))
+
+
+def find(docs: Iterable[Doc], kind: str, name: str | None = None,
+         namespace: str | None = None) -> list[Doc]:
+    out = []
+    for d in docs:
+        meta = d.get("metadata", {})
+        if d.get("kind") != kind:
+            continue
+        if name is not None and meta.get("name") != name:
+            continue
+        if namespace is not None and meta.get("namespace") != namespace:
+            continue
+        out.append(d)
+    return out
+
+
+def one(docs: Iterable[Doc], kind: str, name: str, namespace: str | None = None) -> Doc:
+    found = find(docs, kind, name, namespace)
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def ref(doc: Doc) -> str:
+    meta = doc.get("metadata", {})
+    return f"{doc.get('kind')}/{meta.get('namespace', '-')}/{meta.get('name')}"

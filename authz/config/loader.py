@@ -29,7 +29,9 @@ from .settings import (
 # file is what guarantees the dev signer can only be switched on by `--dev` / `authz demo`.
 DEV_ISSUER = "urn:authz:dev"
 
-SUPPORTED_ALGORITHMS = (*ASYMMETRIC_ALGORITHMS, "HS256", "HS384", "HS512")
+# Symmetric HS* algorithms are never accepted: a shared secret cannot be published in a JWKS,
+# and accepting HS* is how tokens "signed" with an issuer's public key get through.
+SUPPORTED_ALGORITHMS = ASYMMETRIC_ALGORITHMS
 # RFC 7230 token characters: what Envoy accepts in a header name (lower-case for HTTP/2).
 _HEADER_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.!#$%&'*+^`|~")
 

@@ -148,7 +148,7 @@ def _issuer(n: Node, base_dir: Path | None) -> IssuerSettings:
     for alg in algorithms:
         if alg not in SUPPORTED_ALGORITHMS:
             raise n.error("algorithms", f"unsupported algorithm {alg!r}; expected some of "
-                          f"{', '.join(SUPPORTED_ALGORITHMS)} ('none' is never accepted)")
+                          f"{', '.join(SUPPORTED_ALGORITHMS)} ('none' and HS* are never accepted)")
     n.done()
     return IssuerSettings(issuer=issuer, jwks_url=jwks_url, jwks_file=jwks_file,
                           pem_file=pem_file, algorithms=algorithms)

@@ -112,3 +112,47 @@ def test_requestauthentication_must_match_the_authz_config(rendered) -> None:
     problems = "\n".join(invariants.protected_path_problems(docs, drifted))
     assert "no RequestAuthentication jwtRule matches the authz config" in problems
     assert "is denied even with a valid token" in problems  # requestPrincipals pin the issuer
+
+
+# --- who may call the rate limiter and Redis (mesh identity) -------------------------------
+
+CHECK = "/envoy.service.auth.v3.Authorization/Check"
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_only_ml_serving_sidecars_may_call_the_rate_limiter(rendered, overlay: str) -> None:
+    docs = rendered[overlay]
+    labels = {"app": "rate-limiter"}
+
+    def allowed(**kw) -> bool:
+        return istio.evaluate(docs, "authz-system", labels, istio.Request(**kw)).allowed
+
+    assert allowed(method="POST", path=CHECK, port=9000, source_namespace="ml-serving")
+    assert not allowed(method="POST", path=CHECK, port=9000, source_namespace="ml-training")
+    assert not allowed(method="POST", path=CHECK, port=9000)  # no mesh identity
+    assert allowed(method="GET", path="/metrics", port=9464)   # Prometheus, outside the mesh
+    assert not allowed(method="POST", path="/metrics", port=9464)
+
+
+def test_only_the_rate_limiter_identity_may_use_redis(rendered) -> None:
+    docs = rendered["dev"]
+    ours = "cluster.local/ns/authz-system/sa/authz"
+    dep = render.one(docs, "Deployment", "rate-limiter", "authz-system")
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == ours.rsplit("/", 1)[1]
+
+    def allowed(principal: str | None) -> bool:
+        req = istio.Request("", "", port=6379, source_principal=principal)
+        return istio.evaluate(docs, "authz-system", {"app": "redis"}, req).allowed
+
+    assert allowed(ours)
+    assert not allowed("cluster.local/ns/ml-serving/sa/default")
+    assert not allowed(None)
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_authz_system_requires_mtls(rendered, overlay: str) -> None:
+    docs = rendered[overlay]
+    default = render.one(docs, "PeerAuthentication", "default", "authz-system")
+    assert default["spec"] == {"mtls": {"mode": "STRICT"}}
+    metrics = render.one(docs, "PeerAuthentication", "rate-limiter-metrics", "authz-system")
+    assert metrics["spec"]["portLevelMtls"] == {"9464": {"mode": "PERMISSIVE"}}

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import pytest
 from deploykit import authzconfig, render
+from deploykit.tools import DEPLOY
+
+from authz.config.loader import load_settings
+from authz.quota.loader import load_quota
 
 
 @pytest.mark.parametrize("overlay", render.OVERLAYS)
@@ -44,3 +48,13 @@ def test_metrics_port_is_exposed_and_annotated(rendered, overlay: str) -> None:
     svc = render.one(docs, "Service", "rate-limiter", "authz-system")
     assert {"name": "http-metrics", "port": 9464, "targetPort": "http-metrics",
             "protocol": "TCP", "appProtocol": "http"} in svc["spec"]["ports"]
+
+
+@pytest.mark.parametrize("config", ["base/config/config.yaml",
+                                    "overlays/production/config.yaml"])
+def test_config_files_pass_the_service_checker_as_documented(config: str) -> None:
+    """`authz check-config <file>` (deploy guide, "Quotas") works on the files as they lie,
+    quota file included."""
+    settings = load_settings(DEPLOY / config, env={})
+    assert settings.quota_file is not None
+    assert load_quota(settings.quota_file).plans

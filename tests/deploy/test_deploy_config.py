@@ -3,6 +3,8 @@ agree with the mesh objects around them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from deploykit import authzconfig, render
 from deploykit.tools import DEPLOY
@@ -24,7 +26,12 @@ def test_config_and_quota_load(rendered, overlay: str) -> None:
     # The pod is killed at terminationGracePeriodSeconds: drain + grace must fit inside.
     dep = render.one(rendered[overlay], "Deployment", "rate-limiter", "authz-system")
     grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert settings.server.drain_delay + settings.server.shutdown_grace < grace
+    app_drain = settings.server.drain_delay + settings.server.shutdown_grace
+    # ...and the sidecar stays up while the app drains (it carries the checks and Redis calls).
+    proxy = json.loads(dep["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"])
+    assert proxy["holdApplicationUntilProxyStarts"] is True
+    sidecar_drain = float(proxy["terminationDrainDuration"].removesuffix("s"))
+    assert app_drain < sidecar_drain < grace
 
 
 def test_overlays_differ_where_they_should(rendered) -> None:

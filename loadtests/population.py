@@ -284,8 +284,10 @@ class World:
         if token_cache_size is not None:
             auth["token_cache_size"] = token_cache_size
         config = {
-            # metrics_port 0: several servers run side by side in one benchmark.
-            "server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": 0},
+            # metrics_port 0: several servers run side by side in one benchmark. No drain delay:
+            # nothing routes around a load-test server, and the benchmark restarts servers.
+            "server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": 0,
+                       "drain_delay": "0s", "shutdown_grace": "2s"},
             "auth": auth,
             "store": {"redis_url": redis_url},
             "quota_file": str(self.quota_file),

@@ -17,6 +17,8 @@ from pathlib import Path
 import redis
 
 REPO = Path(__file__).resolve().parents[1]
+# Our own redis-server on a free port, never the system one on 6379 (same variable as the tests).
+REDIS_SERVER = os.environ.get("AUTHZ_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 
 
 class ProcError(RuntimeError):
@@ -91,6 +93,7 @@ class Proc:
         self.argv = (["taskset", "-c", cpu] if cpu is not None else []) + list(argv)
         self.log_path = log_dir / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
+        self._terminated = False
 
     def start(self) -> Proc:
         with open(self.log_path, "ab") as out:
@@ -116,11 +119,19 @@ class Proc:
         except OSError:
             return "(no log)"
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (stop() then waits)."""
+        if self.popen is not None and self.popen.poll() is None and not self._terminated:
+            self.popen.terminate()
+            self._terminated = True
+
     def stop(self) -> None:
+        # One SIGTERM only: the service treats a second signal as "exit now, skip the drain".
+        self.terminate()
         p, self.popen = self.popen, None
+        self._terminated = False
         if p is None or p.poll() is not None:
             return
-        p.terminate()
         try:
             p.wait(10)
         except subprocess.TimeoutExpired:
@@ -128,21 +139,34 @@ class Proc:
             p.wait(5)
 
 
+def stop_all(procs: Sequence[Proc]) -> None:
+    """Stop several processes at once: all get SIGTERM, then each is waited for (or killed)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.stop()
+
+
 def start_redis(work: Path, cpu: str | None) -> tuple[Proc, int]:
     port = free_port()
-    proc = Proc("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+    proc = Proc("redis", [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
                           "--save", "", "--appendonly", "no", "--dir", str(work)], work, cpu)
     proc.start()
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 10
-    while True:
-        proc.check_alive()
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise ProcError(f"redis-server did not answer:\n{proc.tail()}") from None
-            time.sleep(0.05)
-    client.close()
+    try:
+        while True:
+            proc.check_alive()
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise ProcError(f"redis-server did not answer:\n{proc.tail()}") from None
+                time.sleep(0.05)
+    except BaseException:
+        proc.stop()
+        raise
+    finally:
+        client.close()
     return proc, port

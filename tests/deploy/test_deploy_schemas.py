@@ -93,7 +93,24 @@ def test_the_checker_rejects_unknown_fields_and_bad_values() -> None:
         ("sidecar-enum", {"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
                           "metadata": {"name": "x", "namespace": "y"},
                           "spec": {"outboundTrafficPolicy": {"mode": "REGISTRY"}}}),
+        # CEL rules of the CRDs (x-kubernetes-validations):
+        ("cel-se-ports", {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                          "metadata": {"name": "x", "namespace": "y"},
+                          "spec": {"hosts": ["a.example.com"], "resolution": "DNS", "ports": [
+                              {"number": 443, "name": "a", "protocol": "TLS"},
+                              {"number": 443, "name": "b", "protocol": "TLS"}]}}),
+        ("cel-pa-selector", {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                             "metadata": {"name": "x", "namespace": "y"},
+                             "spec": {"portLevelMtls": {"9464": {"mode": "PERMISSIVE"}}}}),
+        ("cel-jwks-scheme", {"apiVersion": "security.istio.io/v1",
+                             "kind": "RequestAuthentication",
+                             "metadata": {"name": "x", "namespace": "y"},
+                             "spec": {"jwtRules": [{"issuer": "https://i.example.com",
+                                                    "jwksUri": "ftp://i.example.com/k"}]}}),
     ]
     results = run_schema_check(bad)
     failed = {r["ref"] for r in results if r["error"]}
     assert failed == {name for name, _ in bad}, results
+    by_ref = {r["ref"]: r["error"] for r in results}
+    assert "port number cannot be duplicated" in by_ref["cel-se-ports"]
+    assert "failed to run" not in "".join(e for e in by_ref.values() if e)

@@ -41,6 +41,9 @@ class _BadRequest(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: Envoy pools upstream connections
+    # Headers and body go out as two writes; with Nagle on, the second waits for Envoy's
+    # delayed ACK and every reused connection costs ~40 ms (measured: 44 ms vs 1.5 ms).
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +36,22 @@ def work_dir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def keys(work_dir: Path) -> Keys:
     return Keys(work_dir)
+
+
+# On a failure, the end of every component's log (service, Envoy, Redis) goes into the report:
+# in CI that is the only post-mortem there is.
+LOG_TAIL_LINES = 30
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[Any]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when not in ("setup", "call") or not report.failed:
+        return
+    work = getattr(item, "funcargs", {}).get("work_dir")
+    if not isinstance(work, Path):
+        return
+    for log in sorted(work.rglob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        report.sections.append((f"log {log.relative_to(work)}", "\n".join(lines)))

@@ -399,3 +399,19 @@ def test_works_on_uvloop(redis_db: RedisServer, identity: str) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+async def test_a_replica_is_left_for_a_new_connection(redis_server: RedisServer,
+                                                      identity: str) -> None:
+    """READONLY (the URL now points at a replica, e.g. after a failover): a StoreError, and
+    the connection is replaced so the next one can reach the new primary."""
+    with RedisServer(extra_args=("--replicaof", "127.0.0.1", str(redis_server.port))) as replica:
+        store = RedisBucketStore(StoreSettings(redis_url=replica.url, timeout=TEST_TIMEOUT))
+        await store.start()
+        try:
+            with pytest.raises(StoreError, match="READONLY"):
+                await store.charge([spec(identity)], 1)
+            await wait_until_ready(store)
+            assert store.stats.connects == 2
+        finally:
+            await store.close()

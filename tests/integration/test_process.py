@@ -304,3 +304,22 @@ def test_quota_reload_on_sighup_keeps_old_quota_on_error(tmp_path: Path, issuer:
     p.p.send_signal(signal.SIGTERM)
     out = p.output()
     assert "quota reload failed" in out and "plans.free.models.allowed.cost" in out
+
+
+def test_sigint_drains_and_a_second_signal_exits_at_once(tmp_path: Path, issuer: TestIssuer,
+                                                         procs: list[Proc]) -> None:
+    cfg = write_config(tmp_path, issuer, server={"drain_delay": "30s"})
+    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    p.wait_serving()
+    p.p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert p.p.poll() is None  # draining (30 s delay), not gone
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = pb_grpc.AuthorizationStub(ch).Check(check_request(issuer.mint("d")), timeout=2)
+        assert resp.status.code == 0  # still answering during the drain delay
+    started = time.monotonic()
+    p.p.send_signal(signal.SIGINT)
+    assert p.p.wait(timeout=5) == 128 + signal.SIGINT
+    assert time.monotonic() - started < 3

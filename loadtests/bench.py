@@ -68,6 +68,9 @@ TARGET_FULL_OVER_FLOOR = 0.9
 TARGET_FULL_OVER_NAIVE = 1.6
 TARGET_P99_OVER_FLOOR = 1.3
 
+# Sent once per connection (handshake, script loading), not per decision.
+PER_CONNECTION = frozenset({"hello", "auth", "select", "client", "script", "ping", "info"})
+
 BENCH_USER = "bench-user-0001"
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 TRICKLE_USER = "trickle-user-0001"
@@ -141,28 +144,36 @@ class RedisMonitor:
     INFO commandstats also counts the commands a Lua script runs inside Redis; MONITOR marks
     those with the source "lua", so client round trips can be told apart from script work.
     MONITOR slows Redis down, so it is only used on short dedicated runs, never on the
-    throughput runs.
+    throughput runs. stop() sends a sentinel ECHO and reads the feed up to it, so no command
+    sent before stop() is missed however far the reader lags.
     """
 
     def __init__(self, port: int) -> None:
         import socket
         import threading
+        import uuid
 
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self._sock.sendall(b"MONITOR\r\n")
-        buf = b""
-        while b"\r\n" not in buf:
-            chunk = self._sock.recv(4096)
-            if not chunk:
-                raise BenchError("redis closed the MONITOR connection")
-            buf += chunk
-        first, _, self._buf = buf.partition(b"\r\n")
-        if first != b"+OK":
-            raise BenchError(f"MONITOR refused: {first!r}")
+        self.port = port
+        self.sentinel = f"authz-bench-monitor-{uuid.uuid4().hex}"
         self.counts: dict[str, int] = {}
         self.script_inner = 0
-        self._stop = threading.Event()
-        self._sock.settimeout(0.1)
+        self._seen_sentinel = threading.Event()
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            self._sock.sendall(b"MONITOR\r\n")
+            buf = b""
+            while b"\r\n" not in buf:
+                chunk = self._sock.recv(4096)
+                if not chunk:
+                    raise BenchError("redis closed the MONITOR connection")
+                buf += chunk
+            first, _, self._buf = buf.partition(b"\r\n")
+            if first != b"+OK":
+                raise BenchError(f"MONITOR refused: {first!r}")
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.settimeout(None)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -174,17 +185,17 @@ class RedisMonitor:
             return
         source = text[text.find("[") + 1 : source_end].split(" ")[-1]
         cmd = text[source_end + 2 :].split(" ", 1)[0].strip('"').lower()
-        if source == "lua":
+        if cmd == "echo" and self.sentinel in text:
+            self._seen_sentinel.set()
+        elif source == "lua":
             self.script_inner += 1
         else:
             self.counts[cmd] = self.counts.get(cmd, 0) + 1
 
     def _read(self) -> None:
-        while not self._stop.is_set():
+        while not self._seen_sentinel.is_set():
             try:
                 chunk = self._sock.recv(65536)
-            except TimeoutError:
-                continue
             except OSError:
                 return
             if not chunk:
@@ -192,13 +203,22 @@ class RedisMonitor:
             self._buf += chunk
             *lines, self._buf = self._buf.split(b"\r\n")
             for line in lines:
-                self._line(line)
+                if not self._seen_sentinel.is_set():
+                    self._line(line)
 
     def stop(self) -> dict[str, int]:
-        time.sleep(0.3)  # let the last commands' echoes arrive
-        self._stop.set()
-        self._thread.join(5)
+        import socket
+
+        # A bare socket: a client library would add its own handshake (HELLO, CLIENT SETINFO)
+        # to the counts.
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(f"ECHO {self.sentinel}\r\n".encode())
+            sock.recv(4096)
+        seen = self._seen_sentinel.wait(20)
         self._sock.close()
+        self._thread.join(5)
+        if not seen:
+            raise BenchError("Redis MONITOR feed did not reach the sentinel within 20 s")
         return dict(self.counts)
 
 
@@ -264,9 +284,10 @@ class ServerResult:
 
     @property
     def redis_per_check(self) -> float | None:
+        """Commands per decision, leaving out a (re)connection's handshake commands."""
         if self.redis_per_decision is None:
             return None
-        return sum(self.redis_per_decision.values())
+        return sum(v for k, v in self.redis_per_decision.items() if k not in PER_CONNECTION)
 
 
 @dataclass
@@ -428,7 +449,8 @@ class Report:
         out = asdict(self)
         out["summary"] = {n: {"rps": r.rps, "cpu_us_per_check": r.cpu_us,
                               "light_p50_ms": r.light_p50, "light_p99_ms": r.light_p99,
-                              "light_rate": r.light_rate, "redis_per_check": r.redis_per_check}
+                              "light_rate": r.light_rate, "redis_per_check": r.redis_per_check,
+                              "redis_per_decision": r.redis_per_decision}
                           for n, r in self.results.items()}
         out["ratios"] = ratios(self)
         return out
@@ -746,8 +768,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown server(s) {sorted(unknown)}; choose from {SERVER_NAMES}")
     if args.quick:
-        args.duration, args.warmup, args.rounds = 1.0, 0.5, 1
-        args.light_rate, args.light_duration, args.deny_requests = 200.0, 1.0, 500
+        args.duration, args.warmup, args.rounds = 0.7, 0.3, 1
+        args.light_rate, args.light_duration, args.deny_requests = 200.0, 0.7, 500
         if not args.rss_checks:
             args.rss_checks, args.rss_users = 2_000, 500
     return args

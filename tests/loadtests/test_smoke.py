@@ -45,10 +45,13 @@ def test_bench_quick(tmp_path: Path) -> None:
     for name, s in summary.items():
         assert s["rps"] > 0, name
         assert s["light_p99_ms"] > 0, name
-    # One Redis command per decision although the bench plan has two limits.
-    assert summary["full-redis"]["redis_per_check"] == pytest.approx(1.0)
-    # The naive baseline also sends one EVALSHA: the comparison is like for like.
-    assert summary["naive"]["redis_per_check"] == pytest.approx(1.0, abs=0.05)
+    # One Redis command per decision although the bench plan has two limits (a reconnection's
+    # handshake, should a loaded CI machine cause one, is per connection and not counted).
+    assert summary["full-redis"]["redis_per_check"] == 1.0
+    assert summary["full-redis"]["redis_per_decision"]["evalsha"] == 1.0
+    # The naive baseline also sends one EVALSHA per decision (its connection pool's handshakes
+    # aside): the comparison is like for like.
+    assert summary["naive"]["redis_per_decision"]["evalsha"] == 1.0
     deny = {d["server"]: d for d in data["deny_cache"]}
     # The local deny cache: no Redis traffic for an identity known to be over its limit
     # (h2load keeps at most 4 connections x 8 streams in flight before the first 429 lands).

@@ -49,7 +49,7 @@ QUOTA: dict[str, Any] = {
     "plans": {
         "free": {
             "limits": [{"name": "per-2s", "rate": 1, "per": "2s", "burst": 3}],
-            "models": {"allowed-*": {}, "cheap": {"cost": 1}},
+            "models": {"allowed-*": {}},  # any other model: 403
         },
     },
 }

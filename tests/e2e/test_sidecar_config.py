@@ -106,12 +106,22 @@ def test_provider_cluster_is_http2_with_every_replica() -> None:
     assert ports == [9101, 9102]
 
 
-def test_path_normalization_is_the_sidecars() -> None:
-    hcm = _hcm(render(SidecarSpec()))
-    assert hcm["normalize_path"] is True
-    assert not hcm.get("merge_slashes", False)
-    assert hcm["path_with_escaped_slashes_action"] == "KEEP_UNCHANGED"
-    assert _hcm(render(SidecarSpec(merge_slashes=True)))["merge_slashes"] is True
+@pytest.mark.parametrize(
+    ("mode", "normalize", "merge", "escaped"),
+    [
+        ("BASE", True, False, "KEEP_UNCHANGED"),  # Istio's default
+        ("NONE", False, False, "KEEP_UNCHANGED"),
+        ("MERGE_SLASHES", True, True, "KEEP_UNCHANGED"),
+        ("DECODE_AND_MERGE_SLASHES", True, True, "UNESCAPE_AND_FORWARD"),
+    ],
+)
+def test_path_normalization_is_the_sidecars(
+    mode: str, normalize: bool, merge: bool, escaped: str
+) -> None:
+    hcm = _hcm(render(SidecarSpec(path_normalization=mode)))
+    assert hcm.get("normalize_path", False) is normalize
+    assert hcm.get("merge_slashes", False) is merge
+    assert hcm["path_with_escaped_slashes_action"] == escaped
 
 
 @pytest.mark.parametrize(
@@ -140,6 +150,7 @@ def test_istio_path_forms(path: str, matcher: dict[str, str]) -> None:
         ({"endpoints": ()}, "at least one"),
         ({"app_port": 70000}, "app_port"),
         ({"lb_policy": "FASTEST"}, "lb policy"),
+        ({"path_normalization": "MERGE"}, "path_normalization"),
     ],
 )
 def test_bad_parameters_are_refused_with_a_reason(options: dict[str, Any], message: str) -> None:
@@ -155,10 +166,10 @@ def test_committed_example_is_current() -> None:
 SPECS = {
     "default": SidecarSpec(),
     "fail-open": SidecarSpec(fail_open=True, status_on_error=None),
-    "replicas-merge-slashes": SidecarSpec(
+    "replicas-decode-slashes": SidecarSpec(
         endpoints=(("127.0.0.1", 9001), ("127.0.0.1", 9002)),
         lb_policy="ROUND_ROBIN",
-        merge_slashes=True,
+        path_normalization="DECODE_AND_MERGE_SLASHES",
         access_log=True,
     ),
 }
@@ -212,13 +223,13 @@ def _argv(spec: SidecarSpec) -> list[str]:
         str(spec.status_on_error or 0),
         "--lb-policy",
         spec.lb_policy,
+        "--path-normalization",
+        spec.path_normalization,
     ]
     for host, port in spec.endpoints:
         argv += ["--endpoint", f"{host}:{port}"]
     if spec.fail_open:
         argv.append("--fail-open")
-    if spec.merge_slashes:
-        argv.append("--merge-slashes")
     if spec.access_log:
         argv.append("--access-log")
     return argv

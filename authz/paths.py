@@ -5,7 +5,8 @@ Model name parsing follows the two protocols KServe serves:
 - Open Inference Protocol v2:
               /v2/models/{name}           /v2/models/{name}/ready     /v2/models/{name}/infer
               /v2/models/{name}/versions/{v}/infer
-For any configured protected prefix the model is the first segment after it, cut at ':'.
+For any configured protected prefix the model is the first segment after it (for prefixes under
+/v1/, cut at the ':' of the verb).
 The query string never takes part in matching or bucket keys.
 """
 
@@ -76,7 +77,11 @@ class PathClassifier:
             return Target(PathKind.PUBLIC)
         for prefix in self._prefixes:
             if path.startswith(prefix):
-                name = path[len(prefix):].split("/", 1)[0].split(":", 1)[0]
+                name = path[len(prefix):].split("/", 1)[0]
+                if prefix.startswith("/v1/"):
+                    # KServe v1 puts the verb after a colon (:predict, :explain); OIP v2 has
+                    # no such suffix, so a ':' there stays in the name and fails the check.
+                    name = name.split(":", 1)[0]
                 if not _MODEL.fullmatch(name):
                     return Target(PathKind.INVALID, reason="invalid_model_name")
                 return Target(PathKind.PROTECTED, model=name)

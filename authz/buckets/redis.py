@@ -32,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +82,9 @@ def _number(value: float) -> bytes:
 
 
 _SCRIPT_LOAD = _command(b"SCRIPT", b"LOAD", SCRIPT)
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -194,8 +198,13 @@ class RedisBucketStore:
         self.stats = RedisStoreStats()
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Connect and load the script; StoreError says why when that is impossible."""
+    async def start(self, *, wait: bool = False) -> None:
+        """Validate the URL (StoreError if it is unusable) and connect.
+
+        Redis being unreachable at start is not an error: like an outage later on, charges fail
+        with StoreError (so `store.on_error` applies), `ready` stays False, and the connection
+        is retried in the background. `wait=True` raises instead if the first attempt fails.
+        """
         if self._loop is not None:
             return
         self._address = parse_redis_url(self._settings.redis_url)
@@ -203,9 +212,12 @@ class RedisBucketStore:
         self._closed = False
         try:
             self._link = await self._open()
-        except StoreError:
-            self._loop = None
-            raise
+        except StoreError as e:
+            if wait:
+                self._loop = None
+                raise
+            self._down_reason = str(e)
+            log.warning("Redis unreachable at start; retrying in the background: %s", e)
         self._maintainer = self._loop.create_task(self._maintain(), name="redis-store-connect")
 
     async def close(self) -> None:

@@ -102,7 +102,7 @@ def _auth(n: Node, base_dir: Path | None) -> AuthSettings:
         issuers.append(issuer)
     s = AuthSettings(
         issuers=tuple(issuers),
-        audience=n.text("audience", d.audience, allow_empty=False),
+        audience=_audience(n, d.audience),
         leeway=n.duration("leeway", d.leeway, allow_zero=True),
         max_token_bytes=n.integer("max_token_bytes", d.max_token_bytes, minimum=256),
         token_cache_size=n.integer("token_cache_size", d.token_cache_size, minimum=0),
@@ -119,6 +119,14 @@ def _auth(n: Node, base_dir: Path | None) -> AuthSettings:
     if s.leeway > 300:
         raise n.error("leeway", "more than 5 minutes of clock leeway keeps expired tokens alive")
     return s
+
+
+def _audience(n: Node, default: str) -> str:
+    value = n.text("audience", default, allow_empty=False)
+    # It is quoted into WWW-Authenticate (realm="..."): keep it a plain visible-ASCII token.
+    if not (value.isascii() and value.isprintable()) or any(c in value for c in '"\\ '):
+        raise n.error("audience", f"expected visible ASCII without spaces or quotes, got {value!r}")
+    return value
 
 
 def _issuer(n: Node, base_dir: Path | None) -> IssuerSettings:
@@ -167,6 +175,9 @@ def _store(n: Node) -> StoreSettings:
         max_batch=n.integer("max_batch", d.max_batch, minimum=1, maximum=100_000),
     )
     n.done()
+    if s.timeout > 10:
+        raise n.error("timeout", "at most 10s: the store answer must come well before the "
+                      "mesh's check timeout (0.5s recommended)")
     if any(c in s.key_prefix for c in "{}"):
         raise n.error("key_prefix", "must not contain { or } (they delimit the cluster hash tag)")
     return s

@@ -6,6 +6,7 @@ limit at its default, which is exactly the kind of surprise a config checker exi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -119,6 +120,8 @@ class Node:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(name, f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise self.error(name, f"expected a finite number, got {value}")
         if positive and not value > 0:
             raise self.error(name, f"expected a number > 0, got {value}")
         return float(value)
@@ -177,15 +180,20 @@ class Node:
 
 
 def parse_duration(value: Any) -> float | None:
+    """Seconds, or None when `value` is not a finite duration (NaN and inf are not: a NaN
+    leeway would make every time comparison false and switch the exp check off)."""
+    seconds: float | None = None
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    return None
+            seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return seconds
 
 
 def _kind(value: Any) -> str:

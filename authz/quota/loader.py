@@ -86,6 +86,17 @@ def _plan(n: Node, name: str) -> Plan:
             raise n.error("models", "is empty: no model would be allowed (use the built-in "
                           "'blocked' plan for that)")
     n.done()
+    # A plan that charges nothing is unlimited; that must be said explicitly (the built-in
+    # `unlimited` plan), never the accident of a forgotten or mis-indented `limits:`.
+    if not limits:
+        if models is None:
+            raise n.error("limits", "at least one limit is required (assign the built-in "
+                          "'unlimited' plan for no limits)")
+        for rule in models:
+            if not rule.limits:
+                raise ConfigError(n.file, n.key(f"models.{rule.pattern}.limits"),
+                                  "no limit applies to this model: give the plan `limits` or "
+                                  "this rule its own (or use the built-in 'unlimited' plan)")
     names = [lim.name for lim in limits] + [lim.name for r in models or () for lim in r.limits]
     dupes = {x for x in names if names.count(x) > 1}
     if dupes:
@@ -105,6 +116,8 @@ def _limits(n: Node, key: str) -> tuple[Limit, ...]:
         per = ln.duration("per", 1.0)
         burst = ln.number("burst", count)
         ln.done()
+        if not count / per > 0:
+            raise ln.error("per", f"rate {count:g} per {per:g}s rounds to no refill at all")
         if burst < 1:
             raise ln.error("burst", f"expected >= 1 (a bucket holds one request), got {burst:g}")
         out.append(Limit(name=name, rate=count / per, burst=burst, count=count, per=per))

@@ -161,23 +161,39 @@ class Server:
                 self.reload_quota()
 
     async def _wait_ready(self) -> None:
-        # With on_jwks_unavailable: retry the authenticator may not be ready yet: stay
-        # NOT_SERVING (and answer Checks with 503 not_ready) until it is.
+        """Checks are answered once the keys are loaded; health turns SERVING once the store
+        has connected too.
+
+        With on_jwks_unavailable: retry the keys may come later: until then Checks get 503
+        not_ready. A store that is unreachable at start is treated like an outage later on:
+        each Check gets the store.on_error answer while it reconnects in the background.
+        """
+        c = self.components
+
+        def update() -> bool:
+            if c.authenticator.ready and not c.readiness.ready:
+                c.readiness.ready = True
+            return c.readiness.ready and c.store.ready
+
         async def watch() -> None:
             while not self._stopping.is_set():
-                if self.components.authenticator.ready and self.components.store.ready:
-                    self.components.readiness.ready = True
-                    for name in ("", AUTHZ_SERVICE):
-                        await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-                    log.info("serving", extra={"grpc_port": self.port})
+                if update():
+                    await self._serving()
                     return
                 await asyncio.sleep(0.2)
 
-        if self.components.authenticator.ready and self.components.store.ready:
-            await watch()
+        if update():
+            await self._serving()
         else:
-            log.warning("not ready yet (keys or store unavailable); health is NOT_SERVING")
-            self._ready_task = asyncio.create_task(watch())
+            log.warning("not ready yet; health is NOT_SERVING",
+                        extra={"keys_loaded": c.authenticator.ready,
+                               "store_connected": c.store.ready})
+            self._tasks.append(asyncio.create_task(watch()))
+
+    async def _serving(self) -> None:
+        for name in ("", AUTHZ_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"grpc_port": self.port})
 
     async def stop(self) -> None:
         """Drain and stop (idempotent)."""

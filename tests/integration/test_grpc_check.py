@@ -135,7 +135,8 @@ async def test_allowed_with_identity_and_ratelimit_headers(
     assert upstream["x-auth-plan"] == ("free", False)
     assert upstream["x-auth-issuer"] == ("https://idp.test", False)
     assert "x-authz-degraded" in resp.ok_response.headers_to_remove
-    client_headers = {h.header.key: h.header.value for h in resp.ok_response.response_headers_to_add}
+    client_headers = {h.header.key: h.header.value
+                      for h in resp.ok_response.response_headers_to_add}
     assert client_headers == {"ratelimit-limit": "5", "ratelimit-remaining": "4",
                               "ratelimit-reset": "12"}
 

@@ -238,7 +238,12 @@ def _outcome(f: Any) -> str:
 
 def test_two_workers_share_the_port_and_restart(tmp_path: Path, issuer: TestIssuer,
                                                 procs: list[Proc]) -> None:
-    cfg = write_config(tmp_path, issuer, server={"workers": 2})
+    from tests.support.redis_server import RedisServer
+
+    redis = RedisServer().start()
+    procs.append(redis)  # type: ignore[arg-type]  # stopped by the fixture like the others
+    cfg = write_config(tmp_path, issuer, server={"workers": 2},
+                       store={"redis_url": redis.url})
     port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
     p = Proc(["serve", "--config", str(cfg)], port)
     procs.append(p)
@@ -274,7 +279,8 @@ def _children(pid: int) -> list[int]:
 def test_quota_reload_on_sighup_keeps_old_quota_on_error(tmp_path: Path, issuer: TestIssuer,
                                                          procs: list[Proc]) -> None:
     quota = tmp_path / "quota.yaml"
-    quota.write_text("default_plan: free\nplans: {free: {models: {allowed: {}}}}\n")
+    quota.write_text("default_plan: free\nplans: {free: {limits: [{name: s, rate: 100}], "
+                     "models: {allowed: {}}}}\n")
     cfg = write_config(tmp_path, issuer)
     data = yaml.safe_load(cfg.read_text())
     data["quota_file"] = "quota.yaml"
@@ -293,11 +299,13 @@ def test_quota_reload_on_sighup_keeps_old_quota_on_error(tmp_path: Path, issuer:
         return 200 if r.status.code == 0 else int(r.denied_response.status.code)
 
     assert (status("allowed"), status("other")) == (200, 403)
-    quota.write_text("default_plan: free\nplans: {free: {models: {other: {}}}}\n")
+    quota.write_text("default_plan: free\nplans: {free: {limits: [{name: s, rate: 100}], "
+                     "models: {other: {}}}}\n")
     p.p.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert (status("allowed"), status("other")) == (403, 200)
-    quota.write_text("default_plan: free\nplans: {free: {models: {allowed: {cost: -1}}}}\n")
+    quota.write_text("default_plan: free\nplans: {free: {limits: [{name: s, rate: 100}], "
+                     "models: {allowed: {cost: -1}}}}\n")
     p.p.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert (status("allowed"), status("other")) == (403, 200)  # bad file: old quota kept
@@ -323,3 +331,44 @@ def test_sigint_drains_and_a_second_signal_exits_at_once(tmp_path: Path, issuer:
     p.p.send_signal(signal.SIGINT)
     assert p.p.wait(timeout=5) == 128 + signal.SIGINT
     assert time.monotonic() - started < 3
+
+
+def test_in_memory_store_refuses_several_workers(tmp_path: Path, issuer: TestIssuer) -> None:
+    """Each worker would keep its own in-memory buckets and grant the whole limit."""
+    cfg = write_config(tmp_path, issuer, server={"workers": 2})
+    r = run("serve", "--config", str(cfg))
+    assert r.returncode == 2 and "in-memory store keeps buckets per process" in r.stderr
+
+
+def test_redis_down_at_start_applies_the_policy_then_recovers(
+        tmp_path: Path, issuer: TestIssuer, procs: list[Proc]) -> None:
+    from tests.support.redis_server import RedisServer
+
+    redis_port = free_port()
+    cfg = write_config(tmp_path, issuer, store={
+        "redis_url": f"redis://127.0.0.1:{redis_port}/0", "timeout": "100ms"})
+    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    token = issuer.mint("early")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.AuthorizationStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)
+        deadline = time.monotonic() + 15
+        while True:  # the process is up, answering with the store.on_error policy
+            try:
+                resp = stub.Check(check_request(token), timeout=1)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline and p.p.poll() is None, p.output()
+                time.sleep(0.1)
+        assert resp.denied_response.status.code == 503
+        assert json.loads(resp.denied_response.body)["reason"] == "store_unavailable"
+        h = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+        assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        redis = RedisServer(port=redis_port).start()
+        try:
+            p.wait_serving()
+            assert stub.Check(check_request(token), timeout=2).status.code == 0
+        finally:
+            redis.stop()

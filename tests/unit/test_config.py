@@ -112,3 +112,21 @@ def test_unreadable_file_names_it(tmp_path: Path) -> None:
 
 def test_parse_without_file() -> None:
     assert parse_settings(None, "x").server.grpc_port == 9000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("auth: {leeway: .nan}", "auth.leeway: expected a duration"),
+        ("auth: {leeway: .inf}", "auth.leeway: expected a duration"),
+        ("store: {timeout: .inf}", "store.timeout: expected a duration"),
+        ("store: {timeout: .nan}", "store.timeout: expected a duration"),
+        ("store: {timeout: 1m}", "store.timeout: at most 10s"),
+        ("telemetry: {deny_log_rate: .nan}", "telemetry.deny_log_rate: expected a finite"),
+        ("auth: {audience: 'a\"b'}", "auth.audience: expected visible ASCII"),
+        ("auth: {audience: 'a b'}", "auth.audience: expected visible ASCII"),
+    ],
+)
+def test_non_finite_and_unsafe_values_are_refused(tmp_path: Path, text: str,
+                                                  expected: str) -> None:
+    assert expected in error(text, tmp_path)

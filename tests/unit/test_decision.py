@@ -58,7 +58,8 @@ def test_unauthenticated(failure: TokenFailure) -> None:
     d = M.unauthenticated(failure)
     assert d.status == 401 and not d.allowed
     h = dict(d.response_headers)
-    assert h["www-authenticate"].startswith('Bearer realm="ml-inference-api", error="invalid_token"')
+    assert h["www-authenticate"].startswith(
+        'Bearer realm="ml-inference-api", error="invalid_token"')
     assert json.loads(d.body) == {"error": "invalid_token", "reason": failure.value}
 
 

@@ -47,7 +47,7 @@ def test_other(path: str) -> None:
         "/v1/models//x", "/health/../v1/models/x", "/v1/models/%2e%2e/x", "/v1/models/a%2Fb",
         "/v1/models/a\\b", "/v1/models/a\r\nx", "/v1/models/:predict", "/v1/models/",
         "/v2/models/-x/infer", "/v2/models/" + "a" * 200 + "/infer", "/v1/models/x y",
-        "/" + "a" * 5000, "/v1/models/x\x00",
+        "/" + "a" * 5000, "/v1/models/x\x00", "/v2/models/iris:x/infer",
     ],
 )
 def test_invalid(path: str) -> None:

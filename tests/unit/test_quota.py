@@ -100,7 +100,8 @@ def test_embedded_default_loads() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("plans: {free: {}}\ndefault_plan: gold", "default_plan: plan 'gold' is not defined"),
+        ("plans: {free: {limits: [{name: a, rate: 1}]}}\ndefault_plan: gold",
+         "default_plan: plan 'gold' is not defined"),
         ("plans: {free: {limits: [{name: a, rate: 0}]}}\ndefault_plan: free",
          "plans.free.limits[0].rate: expected a number > 0"),
         ("plans: {free: {limits: [{name: a, rate: 1, per: soon}]}}\ndefault_plan: free",
@@ -113,7 +114,8 @@ def test_embedded_default_loads() -> None:
          "default_plan: free", "plans.free.models.m.cost: cost 3 exceeds the burst 2"),
         ("plans: {unlimited: {}}\ndefault_plan: unlimited", "built-in plan"),
         ("plans: {free: {models: {}}}\ndefault_plan: free", "plans.free.models: is empty"),
-        ("plans: {free: {}}\ndefault_plan: free\noverrides: [{issuer: a, subject: b, plan: x}]",
+        ("plans: {free: {limits: [{name: a, rate: 1}]}}\ndefault_plan: free\n"
+         "overrides: [{issuer: a, subject: b, plan: x}]",
          "overrides[0].plan: plan 'x' is not defined"),
         ("plans: {'bad name': {}}\ndefault_plan: free", "plans.bad name: plan names are"),
         ("plans: {free: {models: {'a/b': {}}}}\ndefault_plan: free", "expected a model name"),
@@ -126,3 +128,35 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, expected: str) -> N
         load_quota(f)
     assert str(e.value).startswith(str(f))
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plans: {free: {}}\ndefault_plan: free", "plans.free.limits: at least one limit"),
+        ("plans: {free: {models: {iris: {cost: 1}}}}\ndefault_plan: free",
+         "plans.free.models.iris.limits: no limit applies"),
+        ("plans: {free: {limits: [{name: a, rate: .inf}]}}\ndefault_plan: free",
+         "plans.free.limits[0].rate: expected a finite number"),
+        ("plans: {free: {limits: [{name: a, rate: 1, burst: .inf}]}}\ndefault_plan: free",
+         "plans.free.limits[0].burst: expected a finite number"),
+        ("plans: {free: {limits: [{name: a, rate: 1, per: .inf}]}}\ndefault_plan: free",
+         "plans.free.limits[0].per: expected a duration"),
+        ("plans: {free: {limits: [{name: a, rate: .nan}]}}\ndefault_plan: free",
+         "plans.free.limits[0].rate: expected a finite number"),
+    ],
+)
+def test_unlimited_by_accident_and_non_finite_are_refused(tmp_path: Path, text: str,
+                                                          expected: str) -> None:
+    f = tmp_path / "quota.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_quota(f)
+    assert expected in str(e.value)
+
+
+def test_plan_with_models_only_is_fine_when_each_rule_has_limits() -> None:
+    q = parse_quota(yaml.safe_load(
+        "default_plan: p\nplans: {p: {models: {m: {limits: [{name: a, rate: 1}]}}}}"), "q")
+    g = Resolver(q).resolve(ident(), "m")
+    assert isinstance(g, Grant) and [b.name for b in g.buckets] == ["a"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -37,6 +38,8 @@ QUOTA = {
             "models": {"iris": {}, "llama-*": {"cost": 2}},
         },
         "pro": {"limits": [{"name": "per-second", "rate": 1000, "per": "1s", "burst": 1000}]},
+        "steady": {"limits": [{"name": "per-second", "rate": 20, "per": "1s", "burst": 5},
+                              {"name": "per-hour", "rate": 10000, "per": "1h"}]},
     },
     "overrides": [
         {"issuer": "https://idp.test", "subject": "mallory", "plan": "blocked"},
@@ -296,6 +299,45 @@ async def test_concurrent_checks_admit_exactly_the_burst(
     results = await asyncio.gather(*(client.check(token=token) for _ in range(200)))
     assert sum(status(r) == 200 for r in results) == 5
     assert sum(status(r) == 429 for r in results) == 195
+
+
+async def test_concurrent_checks_admit_exactly_burst_plus_rate_times_elapsed(
+        service: tuple[Client, Server], issuer: TestIssuer) -> None:
+    """Hammer one user with 32 Checks in flight for ~1.5 s (burst 5, 20/s). The buckets are
+    charged between the first send and the last answer, and tokens accrue continuously while
+    requests keep coming, so: burst + floor(rate x (last send - first answer))
+    <= admitted <= burst + ceil(rate x (last answer - first send))."""
+    client, _ = service
+    token = issuer.mint("steady-user", plan="steady")
+    burst, rate = 5, 20.0
+    first_send = time.monotonic()
+    first_answer: float | None = None
+    last_send = first_send
+    admitted = 0
+    stop_at = first_send + 1.5
+
+    async def one() -> None:
+        nonlocal first_answer, admitted
+        resp = await client.check(token=token)
+        if first_answer is None:
+            first_answer = time.monotonic()
+        if status(resp) == 200:
+            admitted += 1
+        else:
+            assert status(resp) == 429
+
+    async def worker() -> None:
+        nonlocal last_send
+        while time.monotonic() < stop_at:
+            last_send = max(last_send, time.monotonic())
+            await one()
+
+    await asyncio.gather(*(worker() for _ in range(32)))
+    last_answer = time.monotonic()
+    assert first_answer is not None
+    low = burst + math.floor(rate * (last_send - first_answer))
+    high = burst + math.ceil(rate * (last_answer - first_send))
+    assert low <= admitted <= high, (low, admitted, high)
 
 
 async def test_internal_error_is_an_explicit_answer(issuer: TestIssuer) -> None:

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from types import TracebackType
 from typing import Any
 
@@ -22,12 +22,13 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCode
 
 from authz.config.settings import Settings
 from authz.decision import Decision, Outcome
-from authz.telemetry.config import TelemetryConfig, TelemetryConfigError
+from authz.telemetry.config import TRACES_EXPORTER_GROUP, TelemetryConfig, TelemetryConfigError
 from authz.telemetry.logs import DenySampler, mask_url, parse_level
 from authz.telemetry.metrics import BridgedHistogram, Counts, HistogramBridge, create_instruments
 from authz.telemetry.propagation import make_extractor
@@ -164,6 +165,7 @@ class Telemetry:
         self.tracer_provider: TracerProvider | None = None
         self._tracer: trace.Tracer | None = None
         self._extract = None
+        self._parent_decides = False
         exporters: list[SpanExporter] = []
         if span_exporter is not None:
             exporters.append(span_exporter)
@@ -190,6 +192,9 @@ class Telemetry:
                 provider.add_span_processor(BatchSpanProcessor(exporter))
             self.tracer_provider = provider
             self._tracer = provider.get_tracer(SCOPE_NAME, _package_version())
+            # parentbased_* samplers (the default) never record a span whose remote parent is
+            # not sampled: start_check can then skip the SDK for those requests.
+            self._parent_decides = isinstance(provider.sampler, ParentBased)
             # Others' `trace.get_tracer(__name__)` (redis.charge, jwks.fetch) resolve through the
             # global provider. The API allows setting it once per process.
             if install_global and isinstance(trace.get_tracer_provider(), ProxyTracerProvider):
@@ -325,6 +330,13 @@ class Telemetry:
         try:
             extract = self._extract
             parent = extract(headers) if extract is not None else None
+            if parent is not None and self._parent_decides:
+                caller = trace.get_current_span(parent).get_span_context()
+                if caller.is_valid and not caller.trace_flags.sampled:
+                    # A ParentBased sampler drops this trace anyway (the mesh samples ~1%): skip
+                    # building a span the SDK would discard (~7 us), but make the caller's
+                    # context current so store/JWKS child spans are dropped too.
+                    return CheckScope(self, start, None, parent)
             span = tracer.start_span(SPAN_NAME, parent, SpanKind.SERVER)
             if span.is_recording():
                 _set_attributes(span, RPC_ATTRIBUTES)
@@ -413,6 +425,12 @@ class Telemetry:
             if ctx.is_valid:
                 fields["trace_id"] = format(ctx.trace_id, "032x")
                 fields["span_id"] = format(ctx.span_id, "016x")
+        elif scope._context is not None:
+            # An unsampled caller: no span of ours, but the trace id still joins the logs of
+            # the caller and of the upstream.
+            ctx = trace.get_current_span(scope._context).get_span_context()
+            if ctx.is_valid:
+                fields["trace_id"] = format(ctx.trace_id, "032x")
         _deny_log.log(self._deny_level, "deny", extra=fields)
 
     def subject_hash(self, subject: str) -> str:
@@ -559,6 +577,9 @@ def _span_exporters(config: TelemetryConfig) -> list[SpanExporter]:
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
             exporters.append(ConsoleSpanExporter())
+        else:  # validated by TelemetryConfig: an installed entry point
+            [ep] = entry_points(group=TRACES_EXPORTER_GROUP, name=name)
+            exporters.append(ep.load()())
     return exporters
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Literal
 
 from authz.config.settings import Settings
@@ -28,6 +29,9 @@ from authz.config.settings import Settings
 Protocol = Literal["grpc", "http/protobuf"]
 
 TRACES_EXPORTERS = ("otlp", "console", "none")
+# Other names for OTEL_TRACES_EXPORTER are looked up here, as the SDK's autoconfiguration does
+# (e.g. "otlp_proto_grpc", "zipkin_json", or "authz_discard" for benchmarks).
+TRACES_EXPORTER_GROUP = "opentelemetry_traces_exporter"
 METRICS_EXPORTERS = ("prometheus", "otlp", "console", "none")
 # Names as registered under the `opentelemetry_propagator` entry point group.
 DEFAULT_PROPAGATORS = ("tracecontext", "b3multi")
@@ -44,7 +48,8 @@ class TelemetryConfigError(ValueError):
 class TelemetryConfig:
     # OTEL_SDK_DISABLED=true: no spans, no metrics, no scrape endpoint. Logs still work.
     sdk_disabled: bool
-    traces_exporters: tuple[str, ...]  # subset of ("otlp", "console"); empty = tracing off
+    # "otlp", "console" or an installed exporter's entry-point name; empty = tracing off
+    traces_exporters: tuple[str, ...]
     metrics_exporters: tuple[str, ...]  # subset of ("prometheus", "otlp", "console")
     traces_protocol: Protocol
     metrics_protocol: Protocol
@@ -67,7 +72,8 @@ class TelemetryConfig:
         otlp_traces = _has_otlp_endpoint(environ, "TRACES")
         otlp_metrics = _has_otlp_endpoint(environ, "METRICS")
         traces = _exporters(
-            environ, "OTEL_TRACES_EXPORTER", TRACES_EXPORTERS, ("otlp",) if otlp_traces else ()
+            environ, "OTEL_TRACES_EXPORTER", TRACES_EXPORTERS, ("otlp",) if otlp_traces else (),
+            TRACES_EXPORTER_GROUP,
         )
         metrics = _exporters(
             environ,
@@ -109,17 +115,27 @@ def _list(environ: Mapping[str, str], name: str) -> tuple[str, ...] | None:
     return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
 
 
+def installed_exporters(group: str) -> tuple[str, ...]:
+    """Exporter names other packages register (the SDK's own extension mechanism)."""
+    return tuple(sorted(ep.name for ep in entry_points(group=group)))
+
+
 def _exporters(
-    environ: Mapping[str, str], name: str, allowed: tuple[str, ...], default: tuple[str, ...]
+    environ: Mapping[str, str],
+    name: str,
+    allowed: tuple[str, ...],
+    default: tuple[str, ...],
+    group: str | None = None,
 ) -> tuple[str, ...]:
     values = _list(environ, name)
     if values is None:
         return default
+    extra = installed_exporters(group) if group else ()
     for value in values:
-        if value not in allowed:
+        if value not in allowed and value not in extra:
             raise TelemetryConfigError(
                 f"{name}={environ[name]!r}: unknown exporter {value!r}; "
-                f"expected a comma-separated list of {', '.join(allowed)}"
+                f"expected a comma-separated list of {', '.join(allowed + extra)}"
             )
     if "none" in values:
         if len(values) > 1:

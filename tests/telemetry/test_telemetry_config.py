@@ -106,3 +106,19 @@ def test_bad_deny_log_level_fails_at_setup() -> None:
                      telemetry=TelemetrySettings(deny_log_level="LOUD")),
             environ={}, install_global=False,
         )
+
+
+def test_installed_exporter_entry_points_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names other packages register (here the OTLP package's own "otlp_proto_grpc")."""
+    c = cfg(OTEL_TRACES_EXPORTER="otlp_proto_grpc")
+    assert c.traces_exporters == ("otlp_proto_grpc",)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")  # never contacted
+    telemetry = Telemetry.from_settings(
+        Settings(server=ServerSettings(metrics_port=0)),
+        environ={"OTEL_TRACES_EXPORTER": "otlp_proto_grpc", "OTEL_METRICS_EXPORTER": "none"},
+        install_global=False,
+    )
+    try:
+        assert telemetry.tracer_provider is not None
+    finally:
+        telemetry.shutdown()

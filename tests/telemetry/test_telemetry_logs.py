@@ -203,3 +203,12 @@ def test_effective_configuration_is_logged_with_secrets_masked(
     assert tele["OTEL_EXPORTER_OTLP_HEADERS"] == "authorization=***,x-tenant=***"
     assert tele["traces"]["enabled"] is True
     assert tele["service_name"] == "authz"
+
+
+def test_deny_line_of_an_unsampled_caller_has_its_trace_id(make_harness: MakeHarness) -> None:
+    h = make_harness()
+    stream = setup(make_settings())
+    h.check(RATE_LIMITED, request_headers(traceparent=f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"))
+    [line] = [x for x in lines(stream) if x["logger"] == "authz.deny"]
+    assert line["trace_id"] == TRACE_ID
+    assert "span_id" not in line

@@ -216,3 +216,46 @@ def test_configured_propagators_are_honoured(make_harness: MakeHarness) -> None:
     h.spans.clear()
     h.check(ALLOWED, request_headers(b3=f"{TRACE_ID}-{PARENT_SPAN_ID}-1"))
     assert format(_only_span(h).context.trace_id, "032x") == TRACE_ID
+
+
+def test_discard_exporter_counts_spans_and_keeps_none() -> None:
+    from authz.telemetry import Telemetry
+    from authz.telemetry.exporters import DiscardSpanExporter
+
+    exporter = DiscardSpanExporter()
+    telemetry = Telemetry.from_settings(
+        make_settings(), span_exporter=exporter, environ={}, install_global=False
+    )
+    try:
+        for _ in range(3):
+            with telemetry.start_check(request_headers(traceparent=TRACEPARENT)) as scope:
+                scope.finish(ALLOWED)
+        telemetry.force_flush()
+        assert exporter.exported == 3
+    finally:
+        telemetry.shutdown()
+
+
+def test_unsampled_caller_drops_child_spans_too(harness: Harness) -> None:
+    provider = harness.telemetry.tracer_provider
+    assert provider is not None
+    tracer = trace.get_tracer("authz.buckets.redis", tracer_provider=provider)
+    unsampled = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"
+    with harness.telemetry.start_check(request_headers(traceparent=unsampled)) as scope:
+        assert scope.span is None
+        # The caller's trace is current: its id is what the logs carry.
+        assert format(trace.get_current_span().get_span_context().trace_id, "032x") == TRACE_ID
+        with tracer.start_as_current_span("redis.charge") as child:
+            assert not child.is_recording()
+        scope.finish(RATE_LIMITED)
+    assert harness.finished_spans() == []
+
+
+def test_always_on_sampler_records_even_unsampled_callers(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")  # read by the SDK from the process env
+    h = make_harness()
+    h.check(ALLOWED, request_headers(traceparent=f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"))
+    span = _only_span(h)
+    assert format(span.context.trace_id, "032x") == TRACE_ID

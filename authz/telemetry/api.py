@@ -155,7 +155,6 @@ class Telemetry:
         self._resource = _resource()
         self._lock = threading.Lock()
         self._http: Any = None
-        self._http_thread: threading.Thread | None = None
         self._metrics_address: tuple[str, int] | None = None
         self._stopped = False
         self._installed_global = False
@@ -239,10 +238,13 @@ class Telemetry:
     ) -> Telemetry:
         """Raises `TelemetryConfigError` (a ValueError) naming the bad OTEL_* variable.
 
-        `span_exporter` / `metric_reader` (tests, benchmarks) are used in addition to whatever
-        the environment configures; a span exporter turns tracing on by itself.
+        `span_exporter` (tests, benchmarks) replaces the exporters OTEL_TRACES_EXPORTER names
+        and turns tracing on by itself; `metric_reader` is added to the configured readers.
         `install_global=False` leaves the global TracerProvider alone (tests that build several
         Telemetry objects in one process).
+        `environ` (tests) replaces os.environ for what this module decides (which exporters,
+        propagators, the Prometheus address); the SDK and the exporters themselves still read
+        their settings (sampler, endpoint, headers, batch sizes) from os.environ.
         """
         config = TelemetryConfig.from_env(settings, os.environ if environ is None else environ)
         return cls(
@@ -280,10 +282,10 @@ class Telemetry:
 
         host, port = self.config.prometheus_host, self.config.prometheus_port
         try:
-            server, thread = start_http_server(port, addr=host, registry=self._prometheus_registry)
+            server, _thread = start_http_server(port, addr=host, registry=self._prometheus_registry)
         except OSError as e:
             raise OSError(e.errno, f"metrics endpoint {host}:{port}: {e.strerror}") from e
-        self._http, self._http_thread = server, thread
+        self._http = server
         self._metrics_address = (host, server.server_address[1])
         _log.info("metrics endpoint listening", extra={"address": f"{host}:{port}"})
 
@@ -503,6 +505,7 @@ class Telemetry:
                 ),
             },
             "subject_attribute": self.settings.telemetry.subject_attribute,
+            "global_tracer_provider": self._installed_global,
         }
         for name in (
             "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -8,6 +8,7 @@ the extractor that has something to read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 
@@ -18,6 +19,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from authz.telemetry.config import DEFAULT_PROPAGATORS, TelemetryConfigError
 
+_log = logging.getLogger(__name__)
+
 Extractor = Callable[[Mapping[str, str]], "Context | None"]
 
 
@@ -27,7 +30,7 @@ def _load(name: str) -> TextMapPropagator:
     if name in ("b3", "b3multi"):
         try:
             from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
-        except ImportError as e:  # pragma: no cover - a packaging error
+        except ImportError as e:  # a packaging error
             raise TelemetryConfigError(
                 f"OTEL_PROPAGATORS names {name!r} but opentelemetry-propagator-b3 is not installed"
             ) from e
@@ -43,13 +46,29 @@ def _load(name: str) -> TextMapPropagator:
     return propagator
 
 
+def _tracecontext_only(tracecontext: TextMapPropagator) -> Extractor:
+    def extract(headers: Mapping[str, str]) -> Context | None:
+        if "traceparent" in headers:
+            ctx: Context = tracecontext.extract(headers)
+            return ctx
+        return None
+
+    return extract
+
+
 def make_extractor(names: Sequence[str]) -> Extractor | None:
     """The function that turns request headers into a parent context, or None to not read any."""
     if not names:
         return None
     if tuple(names) == DEFAULT_PROPAGATORS:
         tracecontext = _load("tracecontext")
-        b3 = _load("b3multi")
+        try:
+            b3 = _load("b3multi")
+        except TelemetryConfigError:
+            # Not asked for explicitly: W3C alone is still useful. A missing dependency is
+            # worth a warning, not a service that refuses to start.
+            _log.warning("opentelemetry-propagator-b3 is not installed: B3 headers are ignored")
+            return _tracecontext_only(tracecontext)
 
         def extract_default(headers: Mapping[str, str]) -> Context | None:
             if "traceparent" in headers:

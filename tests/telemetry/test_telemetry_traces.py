@@ -259,3 +259,20 @@ def test_always_on_sampler_records_even_unsampled_callers(
     h.check(ALLOWED, request_headers(traceparent=f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"))
     span = _only_span(h)
     assert format(span.context.trace_id, "032x") == TRACE_ID
+
+
+def test_without_the_b3_package_the_default_falls_back_to_w3c(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import sys
+
+    from authz.telemetry import TelemetryConfigError
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.propagators.b3", None)  # import fails
+    h = make_harness()
+    assert "B3 headers are ignored" in caplog.text
+    h.check(ALLOWED, request_headers(traceparent=TRACEPARENT))
+    assert format(_only_span(h).context.trace_id, "032x") == TRACE_ID
+    # Asked for explicitly, it is an error.
+    with pytest.raises(TelemetryConfigError, match="opentelemetry-propagator-b3"):
+        make_harness(environ={"OTEL_PROPAGATORS": "b3"})

@@ -6,16 +6,23 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: run test lint install install-test tools
+# xds-protos ships an old copy of opentelemetry/proto/*_pb2 that overwrites
+# opentelemetry-proto's and breaks the OTLP exporters: after installing, put the right files back.
+FIX_OTEL_PROTO = $(PIP) install -q --force-reinstall --no-deps \
+  "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+
+.PHONY: run test lint install install-test image test-image
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(VENV)/bin/activate
 	$(PIP) install -q -e .
+	@$(FIX_OTEL_PROTO)
 
 install-test: $(VENV)/bin/activate
 	$(PIP) install -q -e '.[test,load]'
+	@$(FIX_OTEL_PROTO)
 	bash scripts/install-test-tools.sh
 
 run: install
@@ -29,3 +36,9 @@ test: install-test
 	$(VENV)/bin/ruff check authz
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
+
+image:
+	bash scripts/image/build.sh
+
+test-image: install-test
+	$(VENV)/bin/pytest -q -m image tests/image

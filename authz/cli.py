@@ -67,17 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _configure_logging(settings: Settings) -> None:
-    try:
-        from .telemetry import configure_logging
-    except ImportError:  # pragma: no cover - telemetry is part of the package
-        logging.basicConfig(level=settings.telemetry.log_level, stream=sys.stderr)
-        return
+    from .telemetry import configure_logging
+
     configure_logging(settings)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .quota import load_quota
-    from .server.workers import EXIT_STARTUP, supervise, worker_index
+    from .server.workers import EXIT_STARTUP
 
     try:
         settings = load_settings(args.config)
@@ -122,15 +119,38 @@ def _serve(args: argparse.Namespace) -> int:
             worker_argv += ["--grpc-port", str(args.grpc_port)]
         if args.metrics_port is not None:
             worker_argv += ["--metrics-port", str(args.metrics_port)]
-        log.info("starting workers", extra={"workers": workers})
-        return supervise(worker_argv, workers, grace_s=server.drain_delay + server.shutdown_grace)
-
-    index = worker_index()
-    if index and server.metrics_port:
-        # Each worker has its own counters: worker i serves them on metrics_port + i.
-        settings = dataclasses.replace(
-            settings, server=dataclasses.replace(server, metrics_port=server.metrics_port + index))
+        return _supervise(worker_argv, workers, settings)
     return _run_one(settings, quota, dev=args.dev)
+
+
+def _supervise(worker_argv: list[str], workers: int, settings: Settings) -> int:
+    """Run the workers; the supervisor serves their merged metrics on the one metrics port
+    (each worker serves its own on loopback, metrics_port + 1 + i)."""
+    from .server.workers import EXIT_STARTUP, supervise
+    from .telemetry.aggregate import MetricsAggregator, worker_environment, worker_targets
+
+    server = settings.server
+    aggregator = None
+    env_for = None
+    if server.metrics_port:
+        aggregator = MetricsAggregator(server.host, server.metrics_port,
+                                       worker_targets(server.metrics_port, workers))
+        try:
+            aggregator.start()
+        except OSError as e:
+            print(f"authz: cannot serve metrics: {e}", file=sys.stderr)
+            return EXIT_STARTUP
+
+        def env_for(i: int) -> dict[str, str]:
+            return worker_environment(server.metrics_port, i)
+
+    log.info("starting workers", extra={"workers": workers})
+    try:
+        return supervise(worker_argv, workers, grace_s=server.drain_delay + server.shutdown_grace,
+                         env_for=env_for)
+    finally:
+        if aggregator is not None:
+            aggregator.shutdown()
 
 
 def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
@@ -147,7 +167,16 @@ def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
         def on_serving(server: Any) -> None:
             _print_dev_banner(signer, server.port)
 
-    telemetry = _telemetry(settings)
+    from .server.workers import EXIT_STARTUP
+    from .telemetry import Telemetry, TelemetryConfigError, log_effective_config
+
+    try:
+        telemetry = Telemetry.from_settings(settings)
+        log_effective_config(settings, telemetry)
+        telemetry.start()
+    except (TelemetryConfigError, OSError) as e:
+        print(f"authz: telemetry: {e}", file=sys.stderr)
+        return EXIT_STARTUP
     try:
         runner: Any = asyncio.run
         try:
@@ -159,19 +188,7 @@ def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
         return int(runner(serve(settings, quota, static_issuers=static_issuers,
                                 telemetry=telemetry, on_serving=on_serving)))
     finally:
-        if telemetry is not None:
-            telemetry.shutdown()
-
-
-def _telemetry(settings: Settings) -> Any:
-    try:
-        from .telemetry import Telemetry, log_effective_config
-    except ImportError:  # pragma: no cover
-        return None
-    log_effective_config(settings)
-    telemetry = Telemetry.from_settings(settings)
-    telemetry.start()
-    return telemetry
+        telemetry.shutdown()
 
 
 def _print_dev_banner(signer: Any, port: int) -> None:

@@ -25,6 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from ..buckets.base import BucketStore, StoreError
 from ..buckets.deny_cache import DenyCache
 from ..buckets.memory import MemoryBucketStore
+from ..buckets.observed import ObservedStore
 from ..config.errors import ConfigError
 from ..config.settings import Settings
 from ..decision import DecisionMaker
@@ -47,12 +48,15 @@ class StartupError(Exception):
     """The process cannot serve with this configuration; the message says why."""
 
 
-def build_store(settings: Settings) -> BucketStore:
+def build_store(settings: Settings, telemetry: Any = None) -> BucketStore:
+    """Redis (or in-memory) store, observed by telemetry, behind the local deny cache."""
     inner: BucketStore
     if settings.store.redis_url:
         from ..buckets.redis import RedisBucketStore
 
         inner = RedisBucketStore(settings.store)
+        if telemetry is not None:
+            inner = ObservedStore(inner, telemetry.observe_store_call)
     else:
         inner = MemoryBucketStore(settings.store)
     return DenyCache(inner)
@@ -71,7 +75,14 @@ def build_components(settings: Settings, quota: Quota, *,
                      static_issuers: Mapping[str, Any] | None = None,
                      store: BucketStore | None = None, telemetry: Any = None) -> Components:
     authenticator = Authenticator(settings.auth, static_issuers=dict(static_issuers or {}))
-    store = store if store is not None else build_store(settings)
+    store = store if store is not None else build_store(settings, telemetry)
+    if telemetry is not None:
+        telemetry.register_token_cache(lambda: authenticator.cache_hits,
+                                       lambda: authenticator.cache_misses,
+                                       lambda: authenticator.cache_size)
+        telemetry.register_jwks(lambda: {
+            (issuer, "error" if result == "failed" else result): n
+            for (issuer, result), n in authenticator.jwks_refresh_counts().items()})
     readiness = Readiness()
     decider = Decider(maker=DecisionMaker(settings), paths=PathClassifier(settings.paths),
                       authenticator=authenticator, resolver=Resolver(quota), store=store,

@@ -114,26 +114,33 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
 
     async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
         telemetry = self.telemetry
-        scope = None
-        try:
-            if telemetry is not None:
-                scope = telemetry.start_check(request_headers(request.attributes.request.http))
-                with scope:
-                    decision, subject = await self.decider.decide(request)
-            else:
-                decision, subject = await self.decider.decide(request)
-        except Exception:
-            log.exception("internal error while deciding; answering %s",
-                          self.decider.maker.internal_error().status)
-            decision, subject = self.decider.maker.internal_error(), None
-        try:
-            response = self.responses.get(decision)
-        except Exception:
-            log.exception("internal error while building the response")
-            decision, response = self.decider.maker.internal_error(), self._internal
-        if scope is not None:
+        if telemetry is None:
+            return self._respond(await self._decide(request))[1]
+        http = request.attributes.request.http
+        scope = telemetry.start_check(request_headers(http))
+        # The check span is current while the decision is awaited, so the store's and the
+        # JWKS fetcher's spans become its children, and the deny log line carries its ids.
+        with scope:
+            decision, subject = await self._decide(request)
+            decision, response = self._respond((decision, subject))
             try:
-                telemetry.finish_check(scope, decision, subject)
+                telemetry.finish_check(scope, decision, subject, path=http.path)
             except Exception:
                 log.exception("telemetry failed")
         return response
+
+    async def _decide(self, request: pb.CheckRequest) -> tuple[Decision, str | None]:
+        try:
+            return await self.decider.decide(request)
+        except Exception:
+            log.exception("internal error while deciding; answering %s",
+                          self.decider.maker.internal_error().status)
+            return self.decider.maker.internal_error(), None
+
+    def _respond(self, decided: tuple[Decision, str | None]) -> tuple[Decision, pb.CheckResponse]:
+        decision = decided[0]
+        try:
+            return decision, self.responses.get(decision)
+        except Exception:
+            log.exception("internal error while building the response")
+            return self.decider.maker.internal_error(), self._internal

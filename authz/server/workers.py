@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -26,22 +26,17 @@ EXIT_STARTUP = 2
 _RESTART_BACKOFF_S = 1.0
 
 
-def worker_index() -> int:
-    """This process's worker number (0 when not supervised)."""
-    try:
-        return int(os.environ.get("AUTHZ_WORKER_INDEX", "0"))
-    except ValueError:
-        return 0
+def supervise(worker_argv: Sequence[str], workers: int, *, grace_s: float,
+              env_for: Callable[[int], dict[str, str]] | None = None) -> int:
+    """Run `workers` copies of `python -m authz <worker_argv>`; returns the exit status.
 
-
-def supervise(worker_argv: Sequence[str], workers: int, *, grace_s: float) -> int:
-    """Run `workers` copies of `python -m authz <worker_argv>`; returns the exit status."""
+    `env_for(i)`: extra environment for worker i (e.g. where it serves its own metrics)."""
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
     signals_seen = 0
 
     def spawn(i: int) -> None:
-        env = dict(os.environ, AUTHZ_WORKER_INDEX=str(i))
+        env = dict(os.environ, AUTHZ_WORKER_INDEX=str(i), **(env_for(i) if env_for else {}))
         procs[i] = subprocess.Popen([sys.executable, "-m", "authz", *worker_argv], env=env)
         log.info("worker started", extra={"worker": i, "pid": procs[i].pid})
 

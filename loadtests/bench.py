@@ -564,12 +564,12 @@ def bench(args: argparse.Namespace) -> Report:
                 cfg("memory", ports["full-memory"], ""), 1), ports["full-memory"], False,
                 BENCH_USER, health=True),
         }
-        servers = [all_servers[n] for n in args.servers]
+        servers = [] if args.rss_only else [all_servers[n] for n in args.servers]
         with running(servers, work, body, server_cpu):
             for s in servers:
                 rep.samples[s.name] = verify_allow(s, body)
                 log(f"{s.name}: pid {s.proc.pid if s.proc else '?'}, answers {rep.samples[s.name]}")
-            for rnd in range(opts.rounds):
+            for rnd in range(opts.rounds if servers else 0):
                 # Rotate the order each round so no server always runs first or last.
                 order = servers[rnd % len(servers):] + servers[: rnd % len(servers)]
                 for s in order:
@@ -592,7 +592,7 @@ def bench(args: argparse.Namespace) -> Report:
                     rep.deny_cache.append(dc)
                     log(f"deny cache {s.name}: {dc['redis_commands']} Redis commands for "
                         f"{dc['over_limit_checks']} over-limit checks")
-        if args.scaling:
+        if args.scaling and not args.rss_only:
             log("scaling (unpinned, 1 then 2 processes on one port)")
 
             def floor_n(n: int, port: int) -> list[Server]:
@@ -757,6 +757,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rss-checks", type=int, default=0,
                     help="also run the RSS check with this many checks (e.g. 1000000)")
     ap.add_argument("--rss-users", type=int, default=100_000)
+    ap.add_argument("--rss-only", action="store_true",
+                    help="only the RSS check (default 1M checks over --rss-users users)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     ap.add_argument("--json", type=Path, default=None,
                     help="write results here (default loadtests/results/bench-<time>.json)")
@@ -764,6 +766,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if args.rss_only and not args.rss_checks:
+        args.rss_checks = 1_000_000
     unknown = set(args.servers) - set(SERVER_NAMES)
     if unknown:
         ap.error(f"unknown server(s) {sorted(unknown)}; choose from {SERVER_NAMES}")

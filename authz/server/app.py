@@ -257,6 +257,8 @@ async def serve(settings: Settings, quota: Quota, *,
         loop.add_signal_handler(signum, on_signal, signum)
     server = Server(settings, quota, static_issuers=static_issuers, telemetry=telemetry)
     loop.add_signal_handler(signal.SIGHUP, server.reload_quota)
+    if "AUTHZ_WORKER_INDEX" in os.environ:
+        server._tasks.append(asyncio.create_task(_exit_when_orphaned(stop)))
     try:
         start = asyncio.create_task(server.start())
         stop_wait = asyncio.create_task(stop.wait())
@@ -276,6 +278,18 @@ async def serve(settings: Settings, quota: Quota, *,
         return EXIT_STARTUP
     await server.stop()
     return 0
+
+
+async def _exit_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (even by SIGKILL, which it cannot forward) drains and
+    exits instead of serving on, unsupervised, forever."""
+    parent = os.getppid()
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            log.warning("supervisor gone: shutting down")
+            stop.set()
+            return
 
 
 def _mtime(path: str | None) -> float | None:

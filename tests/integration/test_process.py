@@ -372,3 +372,32 @@ def test_redis_down_at_start_applies_the_policy_then_recovers(
             assert stub.Check(check_request(token), timeout=2).status.code == 0
         finally:
             redis.stop()
+
+
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path, issuer: TestIssuer,
+                                                    procs: list[Proc]) -> None:
+    from tests.support.redis_server import RedisServer
+
+    redis = RedisServer().start()
+    procs.append(redis)  # type: ignore[arg-type]
+    cfg = write_config(tmp_path, issuer, server={"workers": 2},
+                       store={"redis_url": redis.url})
+    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    p.wait_serving()
+    children = _children(p.p.pid)
+    assert len(children) == 2
+    p.p.kill()  # SIGKILL: nothing can be forwarded
+    p.p.wait(timeout=5)
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{c}").exists() and "zombie" not in _state(c) for c in children):
+        assert time.monotonic() < deadline, "orphaned workers kept running"
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"

@@ -30,9 +30,24 @@ class FloorAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
         return _OK
 
 
-async def serve(host: str, port: int) -> None:
+class SuspendingFloorAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
+    """The floor for a handler that waits for I/O: it suspends once on a future that the loop
+    resolves on its next iteration, as a store's reply would, and does nothing else."""
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        loop.call_soon(future.set_result, None)
+        await future
+        return _OK
+
+
+async def serve(host: str, port: int, suspend: bool = False) -> None:
     server = grpc.aio.server()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(FloorAuthorization(), server)
+    servicer = SuspendingFloorAuthorization() if suspend else FloorAuthorization()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(f"floor_server: cannot bind {host}:{port}")
@@ -51,13 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    ap.add_argument("--suspend", action="store_true",
+                    help="await one loop iteration per check (the floor for I/O-bound handlers)")
     args = ap.parse_args(argv)
     if args.no_uvloop:
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.suspend))
     else:
         import uvloop
 
-        uvloop.run(serve(args.host, args.port))
+        uvloop.run(serve(args.host, args.port, args.suspend))
     return 0
 
 

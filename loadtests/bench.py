@@ -3,6 +3,8 @@
 Servers (each one process pinned to core 0 with taskset; h2load and Redis on core 1):
 
   floor        no-op grpc.aio Check returning a prebuilt OK (loadtests/floor_server.py)
+  io-floor     the same plus one Redis PING per check: the floor for any decision that needs
+               a store round trip
   full-redis   `authz serve`, full decision, Redis store, cached token
   naive        PyJWT decode + one redis.asyncio EVALSHA per call (loadtests/naive_server.py)
   full-memory  `authz serve` with the in-memory store
@@ -320,6 +322,9 @@ class Server:
     expect_subject: str | None
     # Has grpc.health.v1 (the service): readiness is SERVING, not merely "answers".
     health: bool = False
+    # Charges token buckets in Redis: Redis commands per decision and the deny cache are
+    # measured on it.
+    charges_redis: bool = False
     proc: Proc | None = None
     # Size on the wire (gRPC frame included) of this server's answer to the benchmark request.
     allow_bytes: int = 0
@@ -334,7 +339,7 @@ class Server:
 
 
 def redis_reads_and_scripts(port: int) -> tuple[int, int]:
-    """(read events Redis has processed, EVALSHA/EVAL calls) so far."""
+    """(read events Redis has processed, EVALSHA/EVAL/PING calls) so far."""
     client = redis.Redis(port=port)
     try:
         reads = int(client.info("stats")["total_reads_processed"])
@@ -342,7 +347,7 @@ def redis_reads_and_scripts(port: int) -> tuple[int, int]:
     finally:
         client.close()
     return reads, sum(int(v["calls"]) for k, v in stats.items()
-                      if k in ("cmdstat_evalsha", "cmdstat_eval"))
+                      if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_ping"))
 
 
 def throughput(server: Server, body: Path, opts: Options, work: Path,
@@ -511,7 +516,10 @@ def ratios(rep: Report) -> dict[str, float]:
                      ("full/naive", div("full-redis", "naive", "rps")),
                      ("memory/floor", div("full-memory", "floor", "rps")),
                      ("light p99 full/floor", div("full-redis", "floor", "light_p99")),
-                     ("light p50 full/floor", div("full-redis", "floor", "light_p50"))):
+                     ("light p50 full/floor", div("full-redis", "floor", "light_p50")),
+                     ("full/io-floor", div("full-redis", "io-floor", "rps")),
+                     ("light p99 full/io-floor", div("full-redis", "io-floor", "light_p99")),
+                     ("light p50 full/io-floor", div("full-redis", "io-floor", "light_p50"))):
         if val is not None:
             out[key] = val
     for name, sc in rep.scaling.items():
@@ -591,16 +599,20 @@ def bench(args: argparse.Namespace) -> Report:
             return world.write_config(work / f"config-{name}.yaml", grpc_port=port,
                                       redis_url=url, **kw)
 
-        ports = {n: free_port() for n in ("floor", "full-redis", "naive", "full-memory")}
+        ports = {n: free_port() for n in SERVER_NAMES}
         all_servers = {
             "floor": Server("floor", [sys.executable, "-m", "loadtests.floor_server",
                                       "--port", str(ports["floor"])], ports["floor"], False, None),
             "full-redis": Server("full-redis", authz_argv(
                 cfg("redis", ports["full-redis"], redis_url), 1), ports["full-redis"], True,
-                BENCH_USER, health=True),
+                BENCH_USER, health=True, charges_redis=True),
+            "io-floor": Server("io-floor", [sys.executable, "-m", "loadtests.floor_server",
+                                            "--port", str(ports["io-floor"]), "--redis-port",
+                                            str(redis_port)], ports["io-floor"], True, None),
             "naive": Server("naive", [sys.executable, "-m", "loadtests.naive_server", "--config",
                                       str(cfg("naive", 0, redis_url)), "--port",
-                                      str(ports["naive"])], ports["naive"], True, BENCH_USER),
+                                      str(ports["naive"])], ports["naive"], True, BENCH_USER,
+                            charges_redis=True),
             "full-memory": Server("full-memory", authz_argv(
                 cfg("memory", ports["full-memory"], ""), 1), ports["full-memory"], False,
                 BENCH_USER, health=True),
@@ -626,7 +638,7 @@ def bench(args: argparse.Namespace) -> Report:
                         f"{run.cpu_us_per_check:5.0f} us CPU/check{batching}; light "
                         f"{lt.rate:.0f}/s p50 {lt.p50_ms:.2f} ms p99 {lt.p99_ms:.2f} ms")
             for s in servers:
-                if s.uses_redis:
+                if s.charges_redis:
                     per = redis_per_decision(s, body_file, redis_port, args.deny_requests,
                                              client_cpu)
                     rep.results[s.name].redis_per_decision = per
@@ -777,7 +789,7 @@ def render(rep: Report) -> str:
     return "\n".join(lines)
 
 
-SERVER_NAMES = ("floor", "full-redis", "naive", "full-memory")
+SERVER_NAMES = ("floor", "io-floor", "full-redis", "naive", "full-memory")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

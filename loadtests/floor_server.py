@@ -6,12 +6,17 @@ checks/s on one core is the most any Python gRPC ext_authz server can do on this
 benchmark divides the service's figure by it (hot-path-measurements: ~3,500/s per core).
 
     python -m loadtests.floor_server --port 9100
+    python -m loadtests.floor_server --port 9101 --redis-port 6380   # the I/O floor
+
+With --redis-port it awaits one Redis PING per check first: the floor for any decision that
+needs a store round trip (what one loopback round trip costs on this stack, CPU and latency).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import signal
 from collections.abc import Sequence
 
@@ -30,23 +35,54 @@ class FloorAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
         return _OK
 
 
-class SuspendingFloorAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
-    """The floor for a handler that waits for I/O: it suspends once on a future that the loop
-    resolves on its next iteration, as a store's reply would, and does nothing else."""
+class _RedisPing(asyncio.Protocol):
+    """One raw connection; PINGs answered in order (Redis replies in order)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n")) >= 0:
+            self.buffer = self.buffer[end + 2 :]
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_result(None)
+
+    async def ping(self) -> None:
+        assert self.transport is not None
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        self.transport.write(b"*1\r\n$4\r\nPING\r\n")
+        await future
+
+
+class IoFloorAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
+    """The floor for a decision that needs one store round trip: a Redis PING, then the
+    prebuilt OK. What remains between this and the service is the decision itself."""
+
+    def __init__(self, redis: _RedisPing) -> None:
+        self.redis = redis
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        loop.call_soon(future.set_result, None)
-        await future
+        await self.redis.ping()
         return _OK
 
 
-async def serve(host: str, port: int, suspend: bool = False) -> None:
+async def serve(host: str, port: int, redis_port: int | None = None) -> None:
     server = grpc.aio.server()
-    servicer = SuspendingFloorAuthorization() if suspend else FloorAuthorization()
+    servicer: external_auth_pb2_grpc.AuthorizationServicer = FloorAuthorization()
+    if redis_port is not None:
+        _, protocol = await asyncio.get_running_loop().create_connection(
+            _RedisPing, "127.0.0.1", redis_port)
+        servicer = IoFloorAuthorization(protocol)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -66,15 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
-    ap.add_argument("--suspend", action="store_true",
-                    help="await one loop iteration per check (the floor for I/O-bound handlers)")
+    ap.add_argument("--redis-port", type=int, default=None,
+                    help="the I/O floor: one PING to this loopback Redis per check")
     args = ap.parse_args(argv)
     if args.no_uvloop:
-        asyncio.run(serve(args.host, args.port, args.suspend))
+        asyncio.run(serve(args.host, args.port, args.redis_port))
     else:
         import uvloop
 
-        uvloop.run(serve(args.host, args.port, args.suspend))
+        uvloop.run(serve(args.host, args.port, args.redis_port))
     return 0
 
 

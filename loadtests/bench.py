@@ -11,17 +11,18 @@ Servers (each one process pinned to core 0 with taskset; h2load and Redis on cor
 
 For each: closed-loop throughput (h2load -c 16 -m 8 for a few seconds, after a warm-up) and
 latency at a fixed light rate (open loop, h2load timing script, default 500/s). Rounds are
-interleaved (floor, full, naive, memory, then again in another order) and the median is kept,
+interleaved (each round starts with the next server) and the median is kept,
 so drift in the machine's load hits every server alike. Then:
 
-  - Redis commands per decision (INFO commandstats over the throughput run);
+  - Redis commands per decision (Redis MONITOR over a fixed number of checks), and during the
+    throughput runs how many decisions shared one write (INFO: scripts per read event);
   - deny cache: Redis commands spent on an identity already over its limit;
   - scaling: checks/s with `authz serve --workers 1` and `--workers 2` (unpinned);
   - optionally (--rss-checks) server RSS after N checks across U distinct users.
 
     python -m loadtests.bench                  # full run, ~4 minutes
     python -m loadtests.bench --quick          # CI smoke: seconds, targets not judged
-    python -m loadtests.bench --rss-checks 1000000 --rss-users 100000
+    python -m loadtests.bench --rss-only --rss-checks 1000000 --rss-users 100000
 
 Absolute numbers move +-30% run to run on a shared 2-vCPU VM; the ratios are what to read.
 """
@@ -795,7 +796,8 @@ SERVER_NAMES = ("floor", "io-floor", "full-redis", "naive", "full-memory")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m loadtests.bench",
-        description="Side-by-side Check benchmark: floor, full (Redis), naive, full (memory).")
+        description="Side-by-side Check benchmark: floor, io-floor, full (Redis), naive, "
+                    "full (memory).")
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke: 1 round of ~1 s runs, tiny RSS check; targets not judged")
     ap.add_argument("--servers", default=",".join(SERVER_NAMES),

@@ -328,7 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--redis-url", default="", help="store.redis_url (empty: in-memory store)")
     args = ap.parse_args(argv)
     world = write_world(args.out, grpc_port=args.grpc_port, redis_url=args.redis_url)
+    # A fixed request for h2load: a `bench`-plan user (never out of tokens), valid for a day.
+    body = world.root / "check-bench.bin"
+    token = world.signer().token("bench-user-0001", "bench", lifetime=86400)
+    body.write_bytes(grpc_frame(check_request("Bearer " + token).SerializeToString()))
     print(f"world written to {world.root}; serve it with: authz serve --config {world.config_file}")
+    print(f"h2load -c 16 -m 8 -D 10 -d {body} -H 'content-type: application/grpc' "
+          f"-H 'te: trailers' http://127.0.0.1:{args.grpc_port}{CHECK_METHOD}")
     return 0
 
 

@@ -71,6 +71,8 @@ START_TIMEOUT = 30.0
 TARGET_FULL_OVER_FLOOR = 0.9
 TARGET_FULL_OVER_NAIVE = 1.6
 TARGET_P99_OVER_FLOOR = 1.3
+# Issue 5: telemetry on (metrics + every check traced) costs at most 10% of checks/s.
+TARGET_TELEMETRY_ON_OVER_OFF = 0.9
 
 # Sent once per connection (handshake, script loading), not per decision.
 PER_CONNECTION = frozenset({"hello", "auth", "select", "client", "script", "ping", "info"})
@@ -326,6 +328,8 @@ class Server:
     # Charges token buckets in Redis: Redis commands per decision and the deny cache are
     # measured on it.
     charges_redis: bool = False
+    # Extra environment (OTEL_* for the telemetry variants).
+    env: dict[str, str] = field(default_factory=dict)
     proc: Proc | None = None
     # Size on the wire (gRPC frame included) of this server's answer to the benchmark request.
     allow_bytes: int = 0
@@ -420,7 +424,7 @@ def running(servers: Sequence[Server], work: Path, ready_body: bytes,
             cpu: str | None) -> Iterator[None]:
     try:
         for s in servers:
-            s.proc = Proc(s.name, s.argv, work, cpu).start()
+            s.proc = Proc(s.name, s.argv, work, cpu, s.env).start()
         for s in servers:
             assert s.proc is not None
             wait_ready(s.proc, s.target, ready_body, s.health)
@@ -519,6 +523,7 @@ def ratios(rep: Report) -> dict[str, float]:
                      ("light p99 full/floor", div("full-redis", "floor", "light_p99")),
                      ("light p50 full/floor", div("full-redis", "floor", "light_p50")),
                      ("full/io-floor", div("full-redis", "io-floor", "rps")),
+                     ("telemetry on/off", div("full-otel", "full-notel", "rps")),
                      ("light p99 full/io-floor", div("full-redis", "io-floor", "light_p99")),
                      ("light p50 full/io-floor", div("full-redis", "io-floor", "light_p50"))):
         if val is not None:
@@ -617,6 +622,17 @@ def bench(args: argparse.Namespace) -> Report:
             "full-memory": Server("full-memory", authz_argv(
                 cfg("memory", ports["full-memory"], ""), 1), ports["full-memory"], False,
                 BENCH_USER, health=True),
+            # Issue 5's cost check: the full decision with telemetry disabled altogether, and
+            # with metrics on (scrape endpoint up) and every check traced (sampler always_on,
+            # spans batched to an in-process exporter that drops them).
+            "full-notel": Server("full-notel", authz_argv(
+                cfg("notel", ports["full-notel"], redis_url), 1), ports["full-notel"], True,
+                BENCH_USER, health=True, env={"OTEL_SDK_DISABLED": "true"}),
+            "full-otel": Server("full-otel", authz_argv(
+                cfg("otel", ports["full-otel"], redis_url, metrics_port=free_port()), 1),
+                ports["full-otel"], True, BENCH_USER, health=True,
+                env={"OTEL_TRACES_SAMPLER": "always_on",
+                     "OTEL_TRACES_EXPORTER": "authz_discard"}),
         }
         servers = [] if args.rss_only else [all_servers[n] for n in args.servers]
         with running(servers, work, body, server_cpu):
@@ -763,7 +779,8 @@ def render(rep: Report) -> str:
     lines.append("")
     targets = {"full/floor": (">=", TARGET_FULL_OVER_FLOOR),
                "full/naive": (">=", TARGET_FULL_OVER_NAIVE),
-               "light p99 full/floor": ("<=", TARGET_P99_OVER_FLOOR)}
+               "light p99 full/floor": ("<=", TARGET_P99_OVER_FLOOR),
+               "telemetry on/off": (">=", TARGET_TELEMETRY_ON_OVER_OFF)}
     for key, val in rat.items():
         t = targets.get(key)
         if t is None:
@@ -790,7 +807,8 @@ def render(rep: Report) -> str:
     return "\n".join(lines)
 
 
-SERVER_NAMES = ("floor", "io-floor", "full-redis", "naive", "full-memory")
+SERVER_NAMES = ("floor", "io-floor", "full-redis", "naive", "full-memory", "full-notel",
+                "full-otel")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -847,6 +865,8 @@ def missed(rep: Report) -> list[str]:
         out.append("full/naive")
     if rat.get("light p99 full/floor", 1.0) > TARGET_P99_OVER_FLOOR:
         out.append("light p99")
+    if rat.get("telemetry on/off", 1.0) < TARGET_TELEMETRY_ON_OVER_OFF:
+        out.append("telemetry on/off")
     return out
 
 

@@ -273,6 +273,7 @@ class World:
         redis_url: str = "",
         token_cache_size: int | None = None,
         log_level: str = "WARNING",
+        metrics_port: int = 0,
     ) -> str:
         """A service config for this world (JSON is valid YAML: no quoting surprises)."""
         auth: dict[str, Any] = {
@@ -286,7 +287,7 @@ class World:
         config = {
             # metrics_port 0: several servers run side by side in one benchmark. No drain delay:
             # nothing routes around a load-test server, and the benchmark restarts servers.
-            "server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": 0,
+            "server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": metrics_port,
                        "drain_delay": "0s", "shutdown_grace": "2s"},
             "auth": auth,
             "store": {"redis_url": redis_url},

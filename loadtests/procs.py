@@ -88,8 +88,10 @@ def free_port() -> int:
 class Proc:
     """A child process (own session, log file); stopped with SIGTERM then SIGKILL."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, cpu: str | None) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, cpu: str | None,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.env = dict(env or {})
         self.argv = (["taskset", "-c", cpu] if cpu is not None else []) + list(argv)
         self.log_path = log_dir / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
@@ -100,7 +102,8 @@ class Proc:
             self.popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=REPO, start_new_session=True,
-                env={k: v for k, v in os.environ.items() if not k.startswith("AUTHZ_")},
+                env={**{k: v for k, v in os.environ.items()
+                        if not k.startswith(("AUTHZ_", "OTEL_"))}, **self.env},
             )
         return self
 

@@ -13,6 +13,8 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 # Container-image suite (tests/image): podman/buildah build and run the image without a Docker
 # daemon; debootstrap makes the local python base (cached in /var/tmp/authz-image-cache).
 for tool in podman buildah debootstrap; do command -v "$tool" >/dev/null || need_apt+=("$tool"); done
+# Benchmark smoke (tests/loadtests): h2load, a C HTTP/2 load generator.
+command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 if ((${#need_apt[@]})); then
   echo "installing with apt: ${need_apt[*]}"
   apt-get update -qq

@@ -71,7 +71,8 @@ def summarize(raw: Path, top: int = 40) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.profile", description=__doc__)
-    ap.add_argument("server", choices=("floor", "full-redis", "naive", "full-memory"))
+    ap.add_argument("server", choices=("floor", "full-redis", "naive", "full-memory",
+                                       "full-otel"))
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="also sample C/C++ frames")
@@ -97,9 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "--port", str(port)],
             "full-redis": authz_argv(cfg, 1),
             "full-memory": authz_argv(cfg, 1),
+            "full-otel": authz_argv(cfg, 1),
         }
         server = Server(args.server, argv_for[args.server], port, False, None,
-                        health=args.server.startswith("full"))
+                        health=args.server.startswith("full"),
+                        env={"OTEL_TRACES_SAMPLER": "always_on",
+                             "OTEL_TRACES_EXPORTER": "authz_discard"}
+                        if args.server == "full-otel" else {})
         with running([server], work, body, SERVER_CPU):
             assert server.proc is not None
             h2load.run(server.url, body_file, cpu=CLIENT_CPU, duration=2.0)  # warm-up

@@ -238,18 +238,7 @@ def _outcome(f: Any) -> str:
 
 def test_two_workers_share_the_port_and_restart(tmp_path: Path, issuer: TestIssuer,
                                                 procs: list[Proc]) -> None:
-    from tests.support.redis_server import RedisServer
-
-    redis = RedisServer().start()
-    procs.append(redis)  # type: ignore[arg-type]  # stopped by the fixture like the others
-    cfg = write_config(tmp_path, issuer, server={"workers": 2},
-                       store={"redis_url": redis.url})
-    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
-    p = Proc(["serve", "--config", str(cfg)], port)
-    procs.append(p)
-    p.wait_serving()
-    children = _children(p.p.pid)
-    assert len(children) == 2
+    p, port, children = _start_two_workers(tmp_path, issuer, procs)
     os.kill(children[0], signal.SIGKILL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -266,6 +255,24 @@ def test_two_workers_share_the_port_and_restart(tmp_path: Path, issuer: TestIssu
     p.p.send_signal(signal.SIGTERM)
     assert p.p.wait(timeout=20) == 0
     assert not _children(p.p.pid)
+
+
+def _start_two_workers(tmp_path: Path, issuer: TestIssuer,
+                       procs: list[Proc]) -> tuple[Proc, int, list[int]]:
+    """A supervisor with two workers sharing a test Redis; returns it, its port, the pids."""
+    from tests.support.redis_server import RedisServer
+
+    redis = RedisServer().start()
+    procs.append(redis)  # type: ignore[arg-type]  # stopped by the fixture like the others
+    cfg = write_config(tmp_path, issuer, server={"workers": 2},
+                       store={"redis_url": redis.url})
+    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    p.wait_serving()
+    children = _children(p.p.pid)
+    assert len(children) == 2
+    return p, port, children
 
 
 def _children(pid: int) -> list[int]:
@@ -376,18 +383,7 @@ def test_redis_down_at_start_applies_the_policy_then_recovers(
 
 def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path, issuer: TestIssuer,
                                                     procs: list[Proc]) -> None:
-    from tests.support.redis_server import RedisServer
-
-    redis = RedisServer().start()
-    procs.append(redis)  # type: ignore[arg-type]
-    cfg = write_config(tmp_path, issuer, server={"workers": 2},
-                       store={"redis_url": redis.url})
-    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
-    p = Proc(["serve", "--config", str(cfg)], port)
-    procs.append(p)
-    p.wait_serving()
-    children = _children(p.p.pid)
-    assert len(children) == 2
+    p, _port, children = _start_two_workers(tmp_path, issuer, procs)
     p.p.kill()  # SIGKILL: nothing can be forwarded
     p.p.wait(timeout=5)
     deadline = time.monotonic() + 15

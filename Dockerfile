@@ -5,7 +5,7 @@
 #     -v "$PWD/config:/etc/authz:ro" authz:0.1.0 --config /etc/authz/config.yaml
 #
 # Needs BuildKit (the default builder since Docker 23) or podman/buildah for the RUN --mount
-# lines. scripts/image/build.sh wraps this; README "Deploy" explains pushing.
+# lines. scripts/image/build.sh wraps this; README "Deploying" explains pushing.
 #
 # BASE_IMAGE: any Debian-like image whose `python3` is CPython 3.11+ with the venv module.
 # The default is pinned to a patch release so a rebuild does not silently change Python; a

@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import hiredis
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode
 
 from authz.config.settings import StoreSettings
 
@@ -112,7 +112,7 @@ class _Batch:
 
 
 class _Call:
-    __slots__ = ("batch", "command", "deadline", "future", "generation", "retries")
+    __slots__ = ("batch", "command", "deadline", "future", "generation", "retries", "trace")
 
     def __init__(self, command: bytes, future: asyncio.Future[Any] | None,
                  deadline: float) -> None:
@@ -123,6 +123,8 @@ class _Call:
         self.batch: _Batch | None = None
         self.generation = 0  # script generation when sent (see _on_reply)
         self.retries = 0
+        # The caller's sampled span, when tracing: the batch's span links to every caller.
+        self.trace: SpanContext | None = None
 
 
 class _Link(asyncio.Protocol):
@@ -254,8 +256,11 @@ class RedisBucketStore:
             stats.errors += 1
             raise StoreError(self._down_reason)
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Call(self._pack(buckets, cost), future,
-                                   loop.time() + self._timeout))
+        call = _Call(self._pack(buckets, cost), future, loop.time() + self._timeout)
+        caller = trace.get_current_span().get_span_context()
+        if caller.trace_flags.sampled:
+            call.trace = caller
+        self._pending.append(call)
         if self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
         if self._timer is None:
@@ -325,9 +330,13 @@ class RedisBucketStore:
                 if chunk:
                     link.send(chunk[0])
                 break
+            # One write serves several checks: the span is a child of the check that scheduled
+            # the flush and links to every check in the batch, so each check's trace leads to
+            # the Redis call that answered it.
+            links = [Link(c.trace) for c in calls if c.trace is not None]
             span = _tracer.start_span("redis.charge", kind=SpanKind.CLIENT, attributes={
                 "db.system": "redis", "db.operation.name": "EVALSHA",
-                "db.operation.batch.size": len(calls)})
+                "db.operation.batch.size": len(calls)}, links=links or None)
             batch = _Batch(span, len(calls))
             for call in calls:
                 call.batch = batch

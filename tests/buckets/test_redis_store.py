@@ -154,6 +154,27 @@ async def test_each_batch_is_one_span(redis_store: RedisBucketStore, identity: s
     assert spans[0].attributes["db.system"] == "redis"
 
 
+async def test_every_traced_caller_leads_to_its_batch_span(
+        redis_store: RedisBucketStore, identity: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten checks coalesced into one write: the batch span is the child of the first and links
+    to all ten, so every check's trace reaches the Redis call that answered it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    monkeypatch.setattr(redis_module, "_tracer", tracer)
+
+    async def traced_check(i: int) -> int:
+        with tracer.start_as_current_span(f"check-{i}") as span:
+            await redis_store.charge([spec(f"{identity}{i}")], 1)
+            return span.get_span_context().span_id
+
+    checks = set(await asyncio.gather(*(traced_check(i) for i in range(10))))
+    [batch] = [s for s in exporter.get_finished_spans() if s.name == "redis.charge"]
+    assert batch.parent is not None and batch.parent.span_id in checks
+    assert {link.context.span_id for link in batch.links} == checks
+
+
 async def test_a_cancelled_caller_does_not_disturb_the_others(
         redis_store: RedisBucketStore, identity: str) -> None:
     bucket = spec(identity, capacity=10, rate=0.001)

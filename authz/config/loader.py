@@ -45,6 +45,9 @@ def load_settings(path: str | Path | None, *, env: dict[str, str] | None = None)
     else:
         file = str(path)
         settings = parse_settings(load_yaml(path), file, base_dir=Path(path).parent)
+    salt = environ.get("AUTHZ_SUBJECT_SALT")
+    if salt:  # a secret: from the environment (a Kubernetes Secret), not the config file
+        settings = _replace(settings, telemetry=_replace(settings.telemetry, subject_salt=salt))
     redis_url = environ.get("AUTHZ_REDIS_URL")
     if redis_url is not None:
         _check_redis_url(Node.root("AUTHZ_REDIS_URL", {}), "", redis_url)

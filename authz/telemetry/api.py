@@ -150,7 +150,16 @@ class Telemetry:
         self._deny_level = parse_level(tele.deny_log_level, "telemetry.deny_log_level")
         self._deny_sampler = DenySampler(tele.deny_log_rate)
         self._hash_subjects = tele.subject_attribute == "hashed"
-        self._salt = tele.subject_salt.encode("utf-8", "surrogatepass")
+        salt = tele.subject_salt
+        if not salt and tele.subject_attribute == "hashed":
+            # An unsalted SHA-256 of a subject is reversible by guessing likely subjects.
+            # Without a configured salt, use a random one: hashes still correlate within this
+            # process, never across processes, and can never be looked up.
+            salt = os.urandom(16).hex()
+            _log.warning("telemetry.subject_salt is empty: subject hashes use a random "
+                         "per-process salt (set it, e.g. via AUTHZ_SUBJECT_SALT, to correlate "
+                         "a subject across replicas)")
+        self._salt = salt.encode("utf-8", "surrogatepass")
         self._subject_hashes: dict[str, str] = {}
         self._resource = _resource()
         self._lock = threading.Lock()

@@ -130,3 +130,10 @@ def test_parse_without_file() -> None:
 def test_non_finite_and_unsafe_values_are_refused(tmp_path: Path, text: str,
                                                   expected: str) -> None:
     assert expected in error(text, tmp_path)
+
+
+def test_subject_salt_from_the_environment(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("telemetry: {subject_salt: from-file}")
+    assert load_settings(f, env={}).telemetry.subject_salt == "from-file"
+    assert load_settings(f, env={"AUTHZ_SUBJECT_SALT": "s3cret"}).telemetry.subject_salt == "s3cret"

@@ -120,6 +120,7 @@ def test_check_config_ok_and_errors(tmp_path: Path, issuer: TestIssuer) -> None:
     [
         (lambda c: c.write_text("server: {grpc_port: x}"), "server.grpc_port: expected an integer"),
         (lambda c: c.unlink(), "cannot read file"),
+        (lambda c: (c.unlink(), c.mkdir()), "cannot read file"),  # a directory
         (lambda c: c.write_text(c.read_text() + "\nstore: {redis_url: 'redis://[bad'}\n"),
          "store.redis_url: invalid Redis URL"),
         (lambda c: c.write_text(c.read_text() + "\nquota_file: nope.yaml\n"), "nope.yaml"),
@@ -158,6 +159,36 @@ def test_unreachable_jwks_fails_or_retries(tmp_path: Path, procs: list[Proc]) ->
         assert resp.denied_response.status.code == 503
         assert json.loads(resp.denied_response.body)["reason"] == "not_ready"
 
+    # The identity provider comes back: keys load, health turns SERVING, tokens verify.
+    import http.server
+
+    idp = TestIssuer(tmp_path / "idp", name="https://x")
+    body = json.dumps(idp.jwks).encode()
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    jwks_port = int(dead.rsplit(":", 1)[1].split("/")[0])
+    httpd = http.server.HTTPServer(("127.0.0.1", jwks_port), Jwks)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        p.wait_serving(timeout=40)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            resp = pb_grpc.AuthorizationStub(ch).Check(check_request(idp.mint("late")),
+                                                       timeout=5)
+        assert resp.status.code == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
 
 def test_no_issuers_refuses_to_start() -> None:
     r = run("serve", "--grpc-port", str(free_port()))
@@ -184,48 +215,67 @@ def test_dev_mode_prints_working_tokens(procs: list[Proc]) -> None:
 
 def test_sigterm_under_load_drains_without_failures(tmp_path: Path, issuer: TestIssuer,
                                                     procs: list[Proc]) -> None:
-    cfg = write_config(tmp_path, issuer, server={"drain_delay": "1s"})
+    """SIGTERM while two clients keep 32 Checks in flight each, with Redis paused across the
+    listener close so checks are truly in flight then:
+    - health is NOT_SERVING at once, Checks are still answered during drain_delay;
+    - after drain_delay new connections are refused while the in-flight checks wait;
+    - every Check sent before the listener closed gets an answer (none fails);
+    - the process exits 0 once they are answered."""
+    import socket
+
+    from tests.support.redis_server import RedisServer
+
+    drain = 1.5
+    redis = RedisServer().start()
+    procs.append(redis)  # type: ignore[arg-type]
+    cfg = write_config(tmp_path, issuer,
+                       server={"drain_delay": f"{drain}s", "shutdown_grace": "8s"},
+                       store={"redis_url": redis.url, "timeout": "5s"})
     port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
     p = Proc(["serve", "--config", str(cfg)], port)
     procs.append(p)
     p.wait_serving()
     token = issuer.mint("loadtest", plan="pro")
-    results: list[str] = []
-    stop = threading.Event()
+    results: list[tuple[float, str]] = []  # (monotonic time sent, outcome)
+    exited = threading.Event()
 
     def load() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.AuthorizationStub(ch)
-            futures = []
-            while not stop.is_set():
-                futures.append(stub.Check.future(check_request(token), timeout=5))
-                if len(futures) >= 32:
-                    for f in futures:
-                        results.append(_outcome(f))
-                    futures.clear()
-            for f in futures:
-                results.append(_outcome(f))
+            while not exited.is_set():
+                batch = [(time.monotonic(), stub.Check.future(check_request(token), timeout=15))
+                         for _ in range(32)]
+                results.extend((sent, _outcome(f)) for sent, f in batch)
 
     workers = [threading.Thread(target=load) for _ in range(2)]
     for w in workers:
         w.start()
     time.sleep(1.0)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        health = health_pb2_grpc.HealthStub(ch)
         p.p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
         time.sleep(0.2)
-        # health turns NOT_SERVING at once while checks are still answered (drain delay)
-        h = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
         assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    time.sleep(0.5)
-    stop.set()
-    for w in workers:
-        w.join(timeout=20)
+    time.sleep(0.3)
+    redis.pause()  # from here on, checks stay in flight until Redis answers again
+    try:
+        time.sleep(max(0.0, t0 + drain + 0.7 - time.monotonic()))
+        assert p.p.poll() is None, "exited while checks were in flight"
+        with socket.socket() as sock:  # the listener is closed: new connections are refused
+            sock.settimeout(2)
+            assert sock.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        redis.resume()
     assert p.p.wait(timeout=15) == 0
-    answered = [r for r in results if r != "rpc_error"]
-    assert len(answered) > 50
-    # every check sent before the listener closed got an answer (200 or 429), none failed
-    assert results.count("rpc_error") == 0, results[-40:]
+    exited.set()
+    for w in workers:
+        w.join(timeout=30)
+    close = t0 + drain
+    before_close = [o for sent, o in results if sent < close - 0.1]
+    assert len(before_close) > 100
+    assert before_close.count("rpc_error") == 0, before_close[-40:]
+    assert set(before_close) <= {"200", "429"}  # answers (the default pro plan is 100/s)
 
 
 def _outcome(f: Any) -> str:

@@ -13,6 +13,8 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 # Container-image suite (tests/image): podman/buildah build and run the image without a Docker
 # daemon; debootstrap makes the local python base (cached in /var/tmp/authz-image-cache).
 for tool in podman buildah debootstrap; do command -v "$tool" >/dev/null || need_apt+=("$tool"); done
+# The demo test runs the curl lines the demo prints.
+command -v curl >/dev/null || need_apt+=(curl)
 # Benchmark smoke (tests/loadtests): h2load, a C HTTP/2 load generator.
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 if ((${#need_apt[@]})); then

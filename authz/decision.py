@@ -204,8 +204,8 @@ class DecisionMaker:
         retry = max(1, math.ceil(result.retry_after))
         return Decision(False, 429, Outcome.RATE_LIMITED, "rate_limited",
                         response_headers=(("retry-after", str(retry)), *_ratelimit(b), *_JSON),
-                        body=_body(error="rate_limited", limit=b.name, plan=grant.plan,
-                                   retry_after=retry),
+                        body=_body(error="rate_limited", reason="rate_limited", limit=b.name,
+                                   plan=grant.plan, retry_after=retry),
                         plan=grant.plan, model=grant.rule, limit=b.name,
                         token_cache_hit=cache_hit)
 

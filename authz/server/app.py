@@ -39,6 +39,7 @@ from .service import AuthorizationService, Decider, Readiness
 log = logging.getLogger(__name__)
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+LIVENESS_SERVICE = "liveness"
 # Exit status for "could not start" (bad config, keys or store): distinct from a crash, so a
 # supervisor does not restart a worker that will only fail again.
 EXIT_STARTUP = 2
@@ -129,6 +130,9 @@ class Server:
             raise StartupError(f"cannot listen on {s.host}:{s.grpc_port} (address in use?)")
         self._grpc = server
         await server.start()
+        # "liveness": the process is up and answering, whatever its keys and store are doing
+        # (Kubernetes startup/liveness probes; readiness uses "" or the Authorization service).
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening", extra={"grpc_port": self.port})
         try:
             await self.components.authenticator.start()

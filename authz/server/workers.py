@@ -3,7 +3,8 @@
 Python runs one decision at a time per process, so one process uses one core. Each worker is a
 fresh interpreter (not a fork: grpc and event loops do not survive fork) with its own event
 loop and Redis connection; the kernel spreads connections across them (SO_REUSEPORT).
-The supervisor restarts a worker that dies, forwards SIGTERM/SIGINT so all drain together,
+The supervisor restarts a worker that dies, forwards SIGTERM/SIGINT so all drain together
+(and SIGHUP, so all re-read the quota file),
 and exits once they have. A worker that fails to *start* (exit status 2: bad keys, store,
 port) is not restarted: the supervisor stops the others and exits with that status.
 """
@@ -48,8 +49,15 @@ def supervise(worker_argv: Sequence[str], workers: int, *, grace_s: float,
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL if signals_seen > 1 else signum)
 
+    def on_hup(signum: int, _frame: FrameType | None) -> None:
+        # SIGHUP means "re-read the quota file": every worker does it itself.
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     for i in range(workers):
         spawn(i)
 

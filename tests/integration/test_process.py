@@ -423,6 +423,9 @@ def test_redis_down_at_start_applies_the_policy_then_recovers(
         assert json.loads(resp.denied_response.body)["reason"] == "store_unavailable"
         h = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
         assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # ...but alive: Kubernetes' startup/liveness probes must not restart it in a loop
+        live = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=1)
+        assert live.status == health_pb2.HealthCheckResponse.SERVING
         redis = RedisServer(port=redis_port).start()
         try:
             p.wait_serving()
@@ -447,3 +450,14 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return "zombie"
+
+
+def test_sighup_to_the_supervisor_reaches_every_worker(tmp_path: Path, issuer: TestIssuer,
+                                                       procs: list[Proc]) -> None:
+    p, _port, children = _start_two_workers(tmp_path, issuer, procs)
+    p.p.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert p.p.poll() is None, "the supervisor died of SIGHUP"
+    assert _children(p.p.pid) == children  # the same workers, still running
+    p.p.send_signal(signal.SIGTERM)
+    assert p.p.wait(timeout=20) == 0

@@ -41,7 +41,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     data = json.loads(out.read_text())
     summary = data["summary"]
-    assert set(summary) == {"floor", "io-floor", "full-redis", "naive", "full-memory"}
+    assert set(summary) == {"floor", "io-floor", "full-redis", "naive", "full-memory",
+                            "full-notel", "full-otel"}
     for name, s in summary.items():
         assert s["rps"] > 0, name
         assert s["light_p99_ms"] > 0, name

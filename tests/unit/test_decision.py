@@ -45,7 +45,8 @@ def test_rate_limited() -> None:
     assert h["retry-after"] == "1"  # whole seconds, rounded up, never 0
     assert h["ratelimit-remaining"] == "0" and h["ratelimit-limit"] == "10"
     body = json.loads(d.body)
-    assert body == {"error": "rate_limited", "limit": "s", "plan": "free", "retry_after": 1}
+    assert body == {"error": "rate_limited", "reason": "rate_limited", "limit": "s",
+                    "plan": "free", "retry_after": 1}
 
 
 def test_retry_after_rounds_up() -> None:

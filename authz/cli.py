@@ -111,6 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
         workers = 1
     if args.dev:
         workers = 1  # the dev key lives in one process's memory; tokens must verify anywhere
+        # Development mode trusts a throwaway key: never listen beyond this machine.
+        settings = dataclasses.replace(
+            settings, server=dataclasses.replace(settings.server, host="127.0.0.1"))
     if workers > 1 and "AUTHZ_WORKER_INDEX" not in os.environ:
         worker_argv = ["serve", "--workers", "1"]
         if args.config:
@@ -192,6 +195,10 @@ def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
 
 
 def _print_dev_banner(signer: Any, port: int) -> None:
+    # The command as the user can type it (e.g. .venv/bin/authz when not activated).
+    me = sys.argv[0] if os.path.basename(sys.argv[0]) == "authz" else "authz"
+    if os.path.isabs(me):
+        me = os.path.relpath(me) if me.startswith(os.getcwd()) else me
     alice = signer.mint("alice", plan="free")
     bob = signer.mint("bob", plan="pro")
     print(
@@ -202,8 +209,9 @@ def _print_dev_banner(signer: Any, port: int) -> None:
         f"  alice (plan free):  {alice}\n\n"
         f"  bob   (plan pro):   {bob}\n\n"
         "  Try it:\n"
-        f"    authz check --target 127.0.0.1:{port} --token {alice[:16]}...(paste alice's token)\n"
-        f"    authz check --target 127.0.0.1:{port}            # no token -> 401\n",
+        f"    {me} check --target 127.0.0.1:{port} --token <alice's token>              # 200\n"
+        f"    {me} check --target 127.0.0.1:{port}                                      # 401\n"
+        f"    {me} check --target 127.0.0.1:{port} --token <alice's token> --repeat 15  # 429\n",
         file=sys.stderr, flush=True,
     )
 

@@ -48,7 +48,7 @@ plans:
   pro:
     limits:
       - {name: per-second, rate: 100, per: 1s, burst: 200}
-    models: {"*": {}, "llama-*": {cost: 5}}
+    models: {"llama-*": {cost: 5}, "*": {}}  # first match wins: the specific rule first
   bench:
     limits:
       - {name: per-second, rate: 1000000000, per: 1s, burst: 1000000000}

@@ -391,40 +391,35 @@ class Telemetry:
         except Exception:
             _log.exception("recording the check's telemetry failed")
 
-    def _span_attributes(self, decision: Decision, subject: str | None) -> dict[str, Any]:
-        attrs: dict[str, Any] = {
-            "authz.decision": decision.outcome.value,
-            "authz.reason": decision.reason,
-            "authz.status": decision.status,
+    def _decision_fields(
+        self, decision: Decision, subject: str | None, names: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """The decision as named fields, shared by span attributes and the deny line.
+
+        `names`: the field names for (outcome, reason, status, plan, model, limit, subject)."""
+        out: dict[str, Any] = {
+            names[0]: decision.outcome.value,
+            names[1]: decision.reason,
+            names[2]: decision.status,
         }
-        if decision.plan:
-            attrs["authz.plan"] = decision.plan
-        if decision.model:
-            attrs["authz.model"] = decision.model
-        if decision.limit:
-            attrs["authz.limit"] = decision.limit
+        for name, value in ((names[3], decision.plan), (names[4], decision.model),
+                            (names[5], decision.limit)):
+            if value:
+                out[name] = value
+        if subject and self._hash_subjects:
+            out[names[6]] = self.subject_hash(subject)
+        return out
+
+    def _span_attributes(self, decision: Decision, subject: str | None) -> dict[str, Any]:
+        attrs = self._decision_fields(decision, subject, _SPAN_FIELDS)
         if decision.token_cache_hit is not None:
             attrs["authz.token_cache.hit"] = decision.token_cache_hit
-        if subject and self._hash_subjects:
-            attrs["enduser.pseudo.id"] = self.subject_hash(subject)
         return attrs
 
     def _log_deny(
         self, scope: CheckScope, decision: Decision, subject: str | None, path: str
     ) -> None:
-        fields: dict[str, Any] = {
-            "outcome": decision.outcome.value,
-            "reason": decision.reason,
-            "status": decision.status,
-        }
-        if decision.plan:
-            fields["plan"] = decision.plan
-        if decision.model:
-            fields["model"] = decision.model
-        if decision.limit:
-            fields["limit"] = decision.limit
-        if subject and self._hash_subjects:
-            fields["subject_hash"] = self.subject_hash(subject)
+        fields = self._decision_fields(decision, subject, _LOG_FIELDS)
         if path:
             fields["path"] = path.partition("?")[0][:_MAX_LOGGED_PATH]
         suppressed = self._deny_sampler.suppressed
@@ -534,6 +529,11 @@ class Telemetry:
                     f"{h.partition('=')[0].strip()}=***" for h in env[name].split(",") if h.strip()
                 )
         return out
+
+
+_SPAN_FIELDS = ("authz.decision", "authz.reason", "authz.status", "authz.plan", "authz.model",
+                "authz.limit", "enduser.pseudo.id")
+_LOG_FIELDS = ("outcome", "reason", "status", "plan", "model", "limit", "subject_hash")
 
 
 def _set_attributes(span: trace.Span, attrs: Mapping[str, Any]) -> None:

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from locust import FastHttpUser, constant_throughput, events, task
 from locust.exception import StopUser
 
-from loadtests.personas import Cast, Persona
-from loadtests.population import World, model_path
+from loadtests.personas import Persona, add_population_options, cast_from_options
+from loadtests.population import model_path
 
 # A small KServe/OIP-style inference payload.
 PAYLOAD = json.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",
@@ -37,12 +37,7 @@ PAYLOAD = json.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype"
 
 @events.init_command_line_parser.add_listener
 def _options(parser: Any) -> None:
-    parser.add_argument("--world", default="loadtests/results/world",
-                        help="load-test world dir (python -m loadtests.population / stack)")
-    parser.add_argument("--invalid-share", type=float, default=0.1,
-                        help="share of users with invalid or expired tokens (401)")
-    parser.add_argument("--over-limit-share", type=float, default=0.1,
-                        help="share of users sending faster than their plan allows (429)")
+    add_population_options(parser)
 
 
 _state: dict[str, Any] = {}
@@ -51,9 +46,7 @@ _state: dict[str, Any] = {}
 @events.test_start.add_listener
 def _start(environment: Any, **_: Any) -> None:
     opts = environment.parsed_options
-    world = World.load(Path(opts.world))
-    _state["cast"] = Cast(world.signer(), invalid_share=opts.invalid_share,
-                          over_limit_share=opts.over_limit_share)
+    _state["cast"] = cast_from_options(opts)
 
 
 class EnvoyInferenceUser(FastHttpUser):

@@ -31,8 +31,8 @@ from envoy.service.auth.v3 import external_auth_pb2
 from locust import User, constant_throughput, events, task
 from locust.exception import StopUser
 
-from loadtests.personas import Cast, Persona
-from loadtests.population import CHECK_METHOD, World, check_request, model_path
+from loadtests.personas import Persona, add_population_options, cast_from_options
+from loadtests.population import CHECK_METHOD, check_request, model_path
 
 # grpcio's own threads must cooperate with gevent, or every call blocks a locust worker.
 grpc_gevent.init_gevent()
@@ -40,15 +40,10 @@ grpc_gevent.init_gevent()
 
 @events.init_command_line_parser.add_listener
 def _options(parser: Any) -> None:
-    parser.add_argument("--world", default="loadtests/results/world",
-                        help="load-test world dir (python -m loadtests.population / stack)")
+    add_population_options(parser)
     parser.add_argument("--grpc-target", default="127.0.0.1:9000", help="service HOST:PORT")
     parser.add_argument("--grpc-channels", type=int, default=8,
                         help="separate connections to spread over the service's workers")
-    parser.add_argument("--invalid-share", type=float, default=0.1,
-                        help="share of users with invalid or expired tokens (401)")
-    parser.add_argument("--over-limit-share", type=float, default=0.1,
-                        help="share of users sending faster than their plan allows (429)")
     parser.add_argument("--check-timeout", type=float, default=1.0,
                         help="seconds; Envoy's check timeout is typically 0.2-1 s")
 
@@ -59,9 +54,7 @@ _state: dict[str, Any] = {}
 @events.test_start.add_listener
 def _start(environment: Any, **_: Any) -> None:
     opts = environment.parsed_options
-    world = World.load(Path(opts.world))
-    _state["cast"] = Cast(world.signer(), invalid_share=opts.invalid_share,
-                          over_limit_share=opts.over_limit_share)
+    _state["cast"] = cast_from_options(opts)
     # Each channel gets its own subchannel pool, so each is its own TCP connection (grpc-core
     # otherwise shares one connection between channels to the same target).
     _state["calls"] = [

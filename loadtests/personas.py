@@ -19,6 +19,8 @@ import itertools
 import random
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from .population import INVALID_KINDS, Signer, invalid_authorization
 
@@ -85,3 +87,22 @@ class Cast:
             index = next(self._counter)
         return self.persona(index)
 
+
+
+def add_population_options(parser: Any) -> None:
+    """The command-line options both locust scenarios share (world dir, persona mix)."""
+    parser.add_argument("--world", default="loadtests/results/world",
+                        help="load-test world dir (python -m loadtests.population / stack)")
+    parser.add_argument("--invalid-share", type=float, default=0.1,
+                        help="share of users with invalid or expired tokens (401)")
+    parser.add_argument("--over-limit-share", type=float, default=0.1,
+                        help="share of users sending faster than their plan allows (429)")
+
+
+def cast_from_options(opts: Any) -> Cast:
+    """The persona cast for a locust run, from the options above."""
+    from .population import World
+
+    world = World.load(Path(opts.world))
+    return Cast(world.signer(), invalid_share=opts.invalid_share,
+                over_limit_share=opts.over_limit_share)

@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import hiredis
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
 from authz.config.settings import StoreSettings
 
@@ -64,7 +64,8 @@ _BACKOFF_MAX = 1.0
 # LOAD, so more than one means something keeps flushing scripts).
 _MAX_SCRIPT_RETRIES = 2
 
-_tracer = trace.get_tracer(__name__)
+# The SDK's global tracer unless the server hands the store its telemetry's (see `tracer`).
+_default_tracer = trace.get_tracer(__name__)
 _NOT_ENOUGH_DATA: Any = object()
 
 
@@ -123,8 +124,10 @@ class _Call:
         self.batch: _Batch | None = None
         self.generation = 0  # script generation when sent (see _on_reply)
         self.retries = 0
-        # The caller's sampled span, when tracing: the batch's span links to every caller.
-        self.trace: SpanContext | None = None
+        # The caller's recording span, when tracing: the batch's span links to every caller.
+        # The span object, not its context: asking a deferred span for its context works it
+        # out on the spot (authz/telemetry/spans.py), which only a shared write needs.
+        self.trace: Span | None = None
 
 
 class _Link(asyncio.Protocol):
@@ -176,8 +179,12 @@ class RedisBucketStore:
     """`BucketStore` on Redis. Use from one event loop (the one that called `start()`)."""
 
     def __init__(self, settings: StoreSettings, *,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 tracer: trace.Tracer | None = None) -> None:
         self._settings = settings
+        # Starts the "redis.charge" span of each write (Telemetry.tracer: the lean check-path
+        # tracer when tracing is on).
+        self.tracer = tracer if tracer is not None else _default_tracer
         self._prefix = settings.key_prefix
         self._timeout = settings.timeout
         self._max_batch = max(1, settings.max_batch)
@@ -257,8 +264,8 @@ class RedisBucketStore:
             raise StoreError(self._down_reason)
         future: asyncio.Future[Any] = loop.create_future()
         call = _Call(self._pack(buckets, cost), future, loop.time() + self._timeout)
-        caller = trace.get_current_span().get_span_context()
-        if caller.trace_flags.sampled:
+        caller = trace.get_current_span()
+        if caller.is_recording():
             call.trace = caller
         self._pending.append(call)
         if self._flush_handle is None:
@@ -331,10 +338,13 @@ class RedisBucketStore:
                     link.send(chunk[0])
                 break
             # One write serves several checks: the span is a child of the check that scheduled
-            # the flush and links to every check in the batch, so each check's trace leads to
-            # the Redis call that answered it.
-            links = [Link(c.trace) for c in calls if c.trace is not None]
-            span = _tracer.start_span("redis.charge", kind=SpanKind.CLIENT, attributes={
+            # the flush (the current context was copied by call_soon) and links to every other
+            # check in the batch, so each check's trace leads to the Redis call that answered it.
+            # Usually the batch is that one check alone: no links (a Link costs ~2 us).
+            parent = trace.get_current_span()
+            links = [Link(c.trace.get_span_context()) for c in calls
+                     if c.trace is not None and c.trace is not parent]
+            span = self.tracer.start_span("redis.charge", kind=SpanKind.CLIENT, attributes={
                 "db.system": "redis", "db.operation.name": "EVALSHA",
                 "db.operation.batch.size": len(calls)}, links=links or None)
             batch = _Batch(span, len(calls))

@@ -20,8 +20,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCode
@@ -31,7 +31,14 @@ from authz.decision import Decision, Outcome
 from authz.telemetry.config import TRACES_EXPORTER_GROUP, TelemetryConfig, TelemetryConfigError
 from authz.telemetry.logs import DenySampler, mask_url, parse_level
 from authz.telemetry.metrics import BridgedHistogram, Counts, HistogramBridge, create_instruments
-from authz.telemetry.propagation import make_extractor
+from authz.telemetry.propagation import Capture, Extractor, make_deferred, make_extractor
+from authz.telemetry.spans import (
+    DeferredSpan,
+    DeferredTracer,
+    QueueProcessor,
+    SpanQueue,
+    limits_allow_deferred,
+)
 
 _log = logging.getLogger("authz.telemetry")
 _deny_log = logging.getLogger("authz.deny")
@@ -50,6 +57,9 @@ _MAX_ERROR_TYPES = 32
 # Subjects whose hash is remembered (~150 bytes each): active users repeat, and a hit costs
 # 0.1 us against ~1 us for SHA-256.
 _SUBJECT_HASH_CACHE = 10_000
+# Distinct decision shapes whose span attributes are kept (bounded like the metric labels:
+# outcomes x reasons x plans x model rules x limits).
+_ATTRIBUTE_CACHE = 4_096
 # A deny line shows at most this much of the path (never the query string).
 _MAX_LOGGED_PATH = 256
 
@@ -161,6 +171,7 @@ class Telemetry:
                          "a subject across replicas)")
         self._salt = salt.encode("utf-8", "surrogatepass")
         self._subject_hashes: dict[str, str] = {}
+        self._attribute_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._resource = _resource()
         self._lock = threading.Lock()
         self._http: Any = None
@@ -171,17 +182,28 @@ class Telemetry:
         # Everything that can fail on bad configuration (unknown propagator, OTLP exporter not
         # importable) happens before anything starts a thread or touches global state.
         self.tracer_provider: TracerProvider | None = None
+        self._queue: SpanQueue | None = None
         self._tracer: trace.Tracer | None = None
-        self._extract = None
+        self._check_tracer: DeferredTracer | None = None
+        self._capture: Capture | None = None
+        self._extract: Extractor | None = None
         self._parent_decides = False
+        # How the check path's spans are made: "deferred" (spans.py) or "sdk".
+        self.span_mode = "off"
         exporters: list[SpanExporter] = []
         if span_exporter is not None:
             exporters.append(span_exporter)
         elif config.tracing:
             exporters.extend(_span_exporters(config))
         tracing = bool(exporters) and not config.sdk_disabled
+        deferred = None
         if tracing:
-            self._extract = make_extractor(config.propagators)
+            # Deferred spans need the default propagators (known headers) and span limits that
+            # cannot cut our spans; otherwise the SDK's tracer does it all on the check path.
+            if limits_allow_deferred(SpanLimits()):
+                deferred = make_deferred(config.propagators)
+            if deferred is None:
+                self._extract = make_extractor(config.propagators)
         self.meter_provider: MeterProvider | None = None
         self._prometheus_registry: Any = None
         readers: list[MetricReader] = []
@@ -195,14 +217,24 @@ class Telemetry:
             # Sampler from OTEL_TRACES_SAMPLER(_ARG); default parentbased_always_on, so Envoy's
             # sampling decision (the traceparent flags) is the one that counts.
             provider = TracerProvider(resource=self._resource, shutdown_on_exit=False)
-            for exporter in exporters:
-                # Batch: export happens on the processor's thread, never on the event loop.
-                provider.add_span_processor(BatchSpanProcessor(exporter))
+            # One queue and one export thread for every span of this process (spans.py):
+            # export never happens on the event loop.
+            self._queue = SpanQueue(exporters, config.span_queue)
+            provider.add_span_processor(QueueProcessor(self._queue))
             self.tracer_provider = provider
-            self._tracer = provider.get_tracer(SCOPE_NAME, _package_version())
-            # parentbased_* samplers (the default) never record a span whose remote parent is
-            # not sampled: start_check can then skip the SDK for those requests.
-            self._parent_decides = isinstance(provider.sampler, ParentBased)
+            if deferred is not None:
+                self._capture, extract_carrier = deferred
+                self._check_tracer = DeferredTracer(
+                    provider, InstrumentationScope(SCOPE_NAME, _package_version()), self._queue,
+                    extract_carrier)
+                self._tracer = self._check_tracer
+                self.span_mode = "deferred"
+            else:
+                self._tracer = provider.get_tracer(SCOPE_NAME, _package_version())
+                self.span_mode = "sdk"
+                # parentbased_* samplers (the default) never record a span whose remote parent
+                # is not sampled: start_check can then skip the SDK for those requests.
+                self._parent_decides = isinstance(provider.sampler, ParentBased)
             # Others' `trace.get_tracer(__name__)` (redis.charge, jwks.fetch) resolve through the
             # global provider. The API allows setting it once per process.
             if install_global and isinstance(trace.get_tracer_provider(), ProxyTracerProvider):
@@ -280,6 +312,17 @@ class Telemetry:
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
         return readers
 
+    def tracer(self, name: str) -> trace.Tracer | None:
+        """The tracer for spans on the check path (the store's Redis span), named after the
+        instrumentation scope; None when tracing is off."""
+        provider = self.tracer_provider
+        if provider is None:
+            return None
+        if self._check_tracer is not None:
+            return DeferredTracer(provider, InstrumentationScope(name, _package_version()),
+                                  self._check_tracer.queue, self._check_tracer.extract)
+        return provider.get_tracer(name, _package_version())
+
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -339,6 +382,14 @@ class Telemetry:
         if tracer is None:
             return CheckScope(self, start, None, None)
         try:
+            check_tracer = self._check_tracer
+            if check_tracer is not None:
+                # Deferred: note the trace headers, parse them later (spans.py).
+                capture = self._capture
+                assert capture is not None
+                span: trace.Span = check_tracer.start_remote_child(
+                    SPAN_NAME, capture(headers), SpanKind.SERVER, RPC_ATTRIBUTES)
+                return CheckScope(self, start, span, trace.set_span_in_context(span))
             extract = self._extract
             parent = extract(headers) if extract is not None else None
             if parent is not None and self._parent_decides:
@@ -348,9 +399,7 @@ class Telemetry:
                     # building a span the SDK would discard (~7 us), but make the caller's
                     # context current so store/JWKS child spans are dropped too.
                     return CheckScope(self, start, None, parent)
-            span = tracer.start_span(SPAN_NAME, parent, SpanKind.SERVER)
-            if span.is_recording():
-                _set_attributes(span, RPC_ATTRIBUTES)
+            span = tracer.start_span(SPAN_NAME, parent, SpanKind.SERVER, RPC_ATTRIBUTES)
             return CheckScope(self, start, span, trace.set_span_in_context(span, parent))
         except Exception:
             _log.exception("starting the check span failed")
@@ -411,10 +460,21 @@ class Telemetry:
         return out
 
     def _span_attributes(self, decision: Decision, subject: str | None) -> dict[str, Any]:
-        attrs = self._decision_fields(decision, subject, _SPAN_FIELDS)
-        if decision.token_cache_hit is not None:
-            attrs["authz.token_cache.hit"] = decision.token_cache_hit
-        return attrs
+        # A handful of distinct decisions repeat (plans x models x outcomes): their attribute
+        # dicts are built once. The span copies the values, so the cached dict is never changed.
+        key = (decision.outcome, decision.reason, decision.status, decision.plan,
+               decision.model, decision.limit, decision.token_cache_hit)
+        base = self._attribute_cache.get(key)
+        if base is None:
+            base = self._decision_fields(decision, None, _SPAN_FIELDS)
+            if decision.token_cache_hit is not None:
+                base["authz.token_cache.hit"] = decision.token_cache_hit
+            if len(self._attribute_cache) >= _ATTRIBUTE_CACHE:
+                self._attribute_cache.clear()
+            self._attribute_cache[key] = base
+        if subject and self._hash_subjects:
+            return {**base, _SPAN_FIELDS[6]: self.subject_hash(subject)}
+        return base
 
     def _log_deny(
         self, scope: CheckScope, decision: Decision, subject: str | None, path: str
@@ -430,7 +490,8 @@ class Telemetry:
             ctx = scope.span.get_span_context()
             if ctx.is_valid:
                 fields["trace_id"] = format(ctx.trace_id, "032x")
-                fields["span_id"] = format(ctx.span_id, "016x")
+                if ctx.trace_flags.sampled:  # an unsampled span is never exported
+                    fields["span_id"] = format(ctx.span_id, "016x")
         elif scope._context is not None:
             # An unsampled caller: no span of ours, but the trace id still joins the logs of
             # the caller and of the upstream.
@@ -493,6 +554,7 @@ class Telemetry:
             "traces": {
                 "exporters": list(self.config.traces_exporters),
                 "enabled": self.tracer_provider is not None,
+                "check_spans": self.span_mode,
                 "protocol": self.config.traces_protocol,
                 "propagators": list(self.config.propagators),
                 "sampler": (
@@ -545,6 +607,9 @@ def _set_attributes(span: trace.Span, attrs: Mapping[str, Any]) -> None:
     values go straight into its dict. Anything else (another SDK version, limits configured via
     OTEL_ATTRIBUTE_*_LIMIT) takes the public path. tests/telemetry check the exported span.
     """
+    if type(span) is DeferredSpan:
+        span.set_trusted_attributes(attrs)
+        return
     bounded = getattr(span, "_attributes", None)
     store = getattr(bounded, "_dict", None)
     if (

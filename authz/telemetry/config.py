@@ -44,6 +44,43 @@ class TelemetryConfigError(ValueError):
     """An OTEL_* variable (or a telemetry setting) has a value we cannot use."""
 
 
+@dataclass(frozen=True)
+class QueueSettings:
+    """The span export queue (spans.py), from OTEL_BSP_*: the batch span processor's
+    variables, with the same meanings and defaults."""
+
+    max_queue_size: int = 2048  # OTEL_BSP_MAX_QUEUE_SIZE
+    schedule_delay_s: float = 5.0  # OTEL_BSP_SCHEDULE_DELAY (milliseconds in the variable)
+    max_export_batch_size: int = 512  # OTEL_BSP_MAX_EXPORT_BATCH_SIZE
+    export_timeout_s: float = 30.0  # OTEL_BSP_EXPORT_TIMEOUT (milliseconds)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> QueueSettings:
+        d = cls()
+        size = _positive_int(environ, "OTEL_BSP_MAX_QUEUE_SIZE", d.max_queue_size)
+        batch = _positive_int(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", d.max_export_batch_size)
+        if batch > size:
+            raise TelemetryConfigError(
+                f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE={batch} is larger than "
+                f"OTEL_BSP_MAX_QUEUE_SIZE={size}")
+        delay = _positive_int(environ, "OTEL_BSP_SCHEDULE_DELAY", int(d.schedule_delay_s * 1000))
+        timeout = _positive_int(environ, "OTEL_BSP_EXPORT_TIMEOUT", int(d.export_timeout_s * 1000))
+        return cls(size, delay / 1000, batch, timeout / 1000)
+
+
+def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise TelemetryConfigError(f"{name}={raw!r}: expected a whole number above 0")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     # OTEL_SDK_DISABLED=true: no spans, no metrics, no scrape endpoint. Logs still work.
@@ -57,6 +94,7 @@ class TelemetryConfig:
     # Scrape endpoint; port 0 = off.
     prometheus_host: str
     prometheus_port: int
+    span_queue: QueueSettings = QueueSettings()
 
     @property
     def tracing(self) -> bool:
@@ -98,6 +136,7 @@ class TelemetryConfig:
             propagators=propagators,
             prometheus_host=host,
             prometheus_port=port,
+            span_queue=QueueSettings.from_env(environ),
         )
 
 

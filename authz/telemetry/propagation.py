@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from authz.telemetry.config import DEFAULT_PROPAGATORS, TelemetryConfigError
@@ -46,14 +46,78 @@ def _load(name: str) -> TextMapPropagator:
     return propagator
 
 
+class _HeaderGetter(Getter[Mapping[str, str]]):
+    """The CheckRequest's headers hold one string per name (Envoy joins repeated headers):
+    the SDK's default getter would test each value for being an iterable first."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier.keys())
+
+
+_GETTER = _HeaderGetter()
+
+
 def _tracecontext_only(tracecontext: TextMapPropagator) -> Extractor:
     def extract(headers: Mapping[str, str]) -> Context | None:
         if "traceparent" in headers:
-            ctx: Context = tracecontext.extract(headers)
+            ctx: Context = tracecontext.extract(headers, getter=_GETTER)
             return ctx
         return None
 
     return extract
+
+
+# Every header the B3 propagator reads (single and multi-header forms).
+_B3_HEADERS = ("b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags",
+               "x-b3-parentspanid")
+Capture = Callable[[Mapping[str, str]], "dict[str, str] | None"]
+CarrierExtract = Callable[[Mapping[str, str]], Context]
+
+
+def make_deferred(names: Sequence[str]) -> tuple[Capture, CarrierExtract] | None:
+    """For the default propagators: (capture, extract), to read the caller's context later.
+
+    `capture(headers)` copies just the trace headers on the check path (no parsing: two map
+    lookups when a traceparent is there); `extract(carrier)` runs the SDK propagator on that
+    copy when the span is resolved (spans.py). None for configured propagators, whose headers
+    we cannot know in advance: they extract on the check path.
+    """
+    if tuple(names) != DEFAULT_PROPAGATORS:
+        return None
+    tracecontext, b3 = _default_propagators()
+
+    def capture(headers: Mapping[str, str]) -> dict[str, str] | None:
+        traceparent = headers.get("traceparent")
+        if traceparent is not None:
+            tracestate = headers.get("tracestate")
+            if tracestate is None:
+                return {"traceparent": traceparent}
+            return {"traceparent": traceparent, "tracestate": tracestate}
+        if b3 is not None and ("b3" in headers or "x-b3-traceid" in headers):
+            return {name: headers[name] for name in _B3_HEADERS if name in headers}
+        return None
+
+    def extract(carrier: Mapping[str, str]) -> Context:
+        propagator = tracecontext if "traceparent" in carrier or b3 is None else b3
+        ctx: Context = propagator.extract(carrier, getter=_GETTER)
+        return ctx
+
+    return capture, extract
+
+
+def _default_propagators() -> tuple[TextMapPropagator, TextMapPropagator | None]:
+    tracecontext = _load("tracecontext")
+    try:
+        return tracecontext, _load("b3multi")
+    except TelemetryConfigError:
+        # Not asked for explicitly: W3C alone is still useful. A missing dependency is
+        # worth a warning, not a service that refuses to start.
+        _log.warning("opentelemetry-propagator-b3 is not installed: B3 headers are ignored")
+        return tracecontext, None
 
 
 def make_extractor(names: Sequence[str]) -> Extractor | None:
@@ -61,21 +125,16 @@ def make_extractor(names: Sequence[str]) -> Extractor | None:
     if not names:
         return None
     if tuple(names) == DEFAULT_PROPAGATORS:
-        tracecontext = _load("tracecontext")
-        try:
-            b3 = _load("b3multi")
-        except TelemetryConfigError:
-            # Not asked for explicitly: W3C alone is still useful. A missing dependency is
-            # worth a warning, not a service that refuses to start.
-            _log.warning("opentelemetry-propagator-b3 is not installed: B3 headers are ignored")
+        tracecontext, b3 = _default_propagators()
+        if b3 is None:
             return _tracecontext_only(tracecontext)
 
         def extract_default(headers: Mapping[str, str]) -> Context | None:
             if "traceparent" in headers:
-                ctx: Context = tracecontext.extract(headers)
+                ctx: Context = tracecontext.extract(headers, getter=_GETTER)
                 return ctx
             if "b3" in headers or "x-b3-traceid" in headers:
-                ctx = b3.extract(headers)
+                ctx = b3.extract(headers, getter=_GETTER)
                 return ctx
             return None
 
@@ -84,7 +143,7 @@ def make_extractor(names: Sequence[str]) -> Extractor | None:
     composite = CompositePropagator([_load(n) for n in names])
 
     def extract_configured(headers: Mapping[str, str]) -> Context | None:
-        ctx: Context = composite.extract(headers)
+        ctx: Context = composite.extract(headers, getter=_GETTER)
         return ctx
 
     return extract_configured

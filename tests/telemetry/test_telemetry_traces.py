@@ -239,14 +239,18 @@ def test_discard_exporter_counts_spans_and_keeps_none() -> None:
 def test_unsampled_caller_drops_child_spans_too(harness: Harness) -> None:
     provider = harness.telemetry.tracer_provider
     assert provider is not None
-    tracer = trace.get_tracer("authz.buckets.redis", tracer_provider=provider)
+    jwks_tracer = trace.get_tracer("authz.tokens.jwks", tracer_provider=provider)
+    store_tracer = harness.telemetry.tracer("authz.buckets.redis")
+    assert store_tracer is not None
     unsampled = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"
     with harness.telemetry.start_check(request_headers(traceparent=unsampled)) as scope:
-        assert scope.span is None
-        # The caller's trace is current: its id is what the logs carry.
-        assert format(trace.get_current_span().get_span_context().trace_id, "032x") == TRACE_ID
-        with tracer.start_as_current_span("redis.charge") as child:
+        # The caller's trace is current (its id is what the logs carry), and not sampled.
+        current = trace.get_current_span().get_span_context()
+        assert format(current.trace_id, "032x") == TRACE_ID
+        assert not current.trace_flags.sampled
+        with jwks_tracer.start_as_current_span("jwks.fetch") as child:
             assert not child.is_recording()
+        store_tracer.start_span("redis.charge").end()
         scope.finish(RATE_LIMITED)
     assert harness.finished_spans() == []
 

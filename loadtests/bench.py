@@ -528,6 +528,13 @@ def ratios(rep: Report) -> dict[str, float]:
                      ("light p50 full/io-floor", div("full-redis", "io-floor", "light_p50"))):
         if val is not None:
             out[key] = val
+    on, off = r.get("full-otel"), r.get("full-notel")
+    if on is not None and off is not None and on.runs and len(on.runs) == len(off.runs):
+        # The two runs of a round are minutes closer in time than the rounds' medians: on a
+        # shared machine whose speed drifts, the median of the per-round ratios is the steadier
+        # figure (the ratio of medians above is kept for comparison).
+        out["telemetry on/off (paired rounds)"] = statistics.median(
+            a.rps / b.rps for a, b in zip(on.runs, off.runs, strict=True) if b.rps)
     for name, sc in rep.scaling.items():
         if sc.get("1") and sc.get("2"):
             # Both unpinned: grpcio's C-core threads let one process use more than one core, and
@@ -780,7 +787,7 @@ def render(rep: Report) -> str:
     targets = {"full/floor": (">=", TARGET_FULL_OVER_FLOOR),
                "full/naive": (">=", TARGET_FULL_OVER_NAIVE),
                "light p99 full/floor": ("<=", TARGET_P99_OVER_FLOOR),
-               "telemetry on/off": (">=", TARGET_TELEMETRY_ON_OVER_OFF)}
+               "telemetry on/off (paired rounds)": (">=", TARGET_TELEMETRY_ON_OVER_OFF)}
     for key, val in rat.items():
         t = targets.get(key)
         if t is None:
@@ -865,7 +872,7 @@ def missed(rep: Report) -> list[str]:
         out.append("full/naive")
     if rat.get("light p99 full/floor", 1.0) > TARGET_P99_OVER_FLOOR:
         out.append("light p99")
-    if rat.get("telemetry on/off", 1.0) < TARGET_TELEMETRY_ON_OVER_OFF:
+    if rat.get("telemetry on/off (paired rounds)", 1.0) < TARGET_TELEMETRY_ON_OVER_OFF:
         out.append("telemetry on/off")
     return out
 

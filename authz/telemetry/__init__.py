@@ -40,11 +40,13 @@ In the Check handler::
   at all (none); never pass the token.
 - Store calls: `telemetry.observe_store_call(seconds, ok, error_type="timeout")` per charge.
   Config reloads: `telemetry.config_reloaded(ok)`.
-- All hot-path methods are for the event-loop thread and never raise. CPU per check for
-  start+finish (tests/telemetry/bench_overhead.py, 2-vCPU VM): ~2 us with tracing off, ~7 us
-  when the caller's trace is not sampled, ~24 us for a sampled span (the SDK's bare span is
-  ~13 us of that); exporting a span over OTLP adds ~70-90 us in the exporter thread, so
-  sample (the default parent-based sampler follows Envoy's decision).
+- All hot-path methods are for the event-loop thread and never raise. The check span and the
+  store's span are deferred (spans.py): the event loop notes their facts, one export thread
+  parses the trace headers, samples, builds the SDK spans and exports them in batches.
+  Telemetry.tracer(name) gives check-path code (the Redis store) a tracer on that pipeline.
+  CPU per check: see tests/telemetry/bench_overhead.py and README "Observability"; exporting
+  a span over OTLP adds ~70-90 us in the export thread, so sample (the default parent-based
+  sampler follows Envoy's decision).
 
 Several worker processes (`--workers N`): the supervisor serves `server.metrics_port` with
 `authz.telemetry.aggregate.MetricsAggregator(host, metrics_port, worker_targets(metrics_port,

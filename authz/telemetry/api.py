@@ -389,7 +389,8 @@ class Telemetry:
                 assert capture is not None
                 span: trace.Span = check_tracer.start_remote_child(
                     SPAN_NAME, capture(headers), SpanKind.SERVER, RPC_ATTRIBUTES)
-                return CheckScope(self, start, span, trace.set_span_in_context(span))
+                # On an empty context, not a copy of the current one (nothing else to keep).
+                return CheckScope(self, start, span, trace.set_span_in_context(span, _EMPTY))
             extract = self._extract
             parent = extract(headers) if extract is not None else None
             if parent is not None and self._parent_decides:
@@ -428,11 +429,17 @@ class Telemetry:
             counts.count_decision((outcome.value, decision.reason, decision.plan, decision.model))
             span = scope.span
             if span is not None:
-                if span.is_recording():
-                    _set_attributes(span, self._span_attributes(decision, subject))
+                if type(span) is DeferredSpan:
+                    span.set_trusted_attributes(self._span_attributes(decision, subject))
                     if outcome in _ERROR_OUTCOMES:
                         span.set_status(Status(StatusCode.ERROR, decision.reason))
-                span.end()
+                    span.end()
+                else:
+                    if span.is_recording():
+                        _set_attributes(span, self._span_attributes(decision, subject))
+                        if outcome in _ERROR_OUTCOMES:
+                            span.set_status(Status(StatusCode.ERROR, decision.reason))
+                    span.end()
             if not decision.allowed and _deny_log.isEnabledFor(self._deny_level):
                 sampler = self._deny_sampler
                 if sampler.allow(time.monotonic()):
@@ -593,6 +600,7 @@ class Telemetry:
         return out
 
 
+_EMPTY = otel_context.Context()
 _SPAN_FIELDS = ("authz.decision", "authz.reason", "authz.status", "authz.plan", "authz.model",
                 "authz.limit", "enduser.pseudo.id")
 _LOG_FIELDS = ("outcome", "reason", "status", "plan", "model", "limit", "subject_hash")
@@ -607,9 +615,6 @@ def _set_attributes(span: trace.Span, attrs: Mapping[str, Any]) -> None:
     values go straight into its dict. Anything else (another SDK version, limits configured via
     OTEL_ATTRIBUTE_*_LIMIT) takes the public path. tests/telemetry check the exported span.
     """
-    if type(span) is DeferredSpan:
-        span.set_trusted_attributes(attrs)
-        return
     bounded = getattr(span, "_attributes", None)
     store = getattr(bounded, "_dict", None)
     if (

@@ -185,6 +185,8 @@ class SpanQueue:
         self.dropped = 0
         self.exported = 0
         self._last_drop_warning = 0.0
+        self.failed = 0
+        self._last_failure_log = 0.0
         self._thread = threading.Thread(target=self._run, name="authz-span-export", daemon=True)
         self._thread.start()
 
@@ -208,6 +210,14 @@ class SpanQueue:
             _log.warning("span queue full (OTEL_BSP_MAX_QUEUE_SIZE=%d): dropping spans, "
                          "%d so far; the exporter is not keeping up", self._max, self.dropped)
 
+    def _failed(self) -> None:
+        self.failed += 1
+        now = time.monotonic()
+        if now - self._last_failure_log >= _DROP_WARNING_INTERVAL:
+            self._last_failure_log = now
+            _log.exception("building a span for export failed (%d so far); span dropped",
+                           self.failed)
+
     # -- the thread -----------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping:
@@ -225,10 +235,15 @@ class SpanQueue:
                 flushes: list[_Flush] = []
                 while queue and len(batch) < self._batch:
                     item = queue.popleft()
-                    if isinstance(item, _Flush):
+                    kind = type(item)
+                    if kind is _Flush:
                         flushes.append(item)
                         break  # everything queued before it goes out first
-                    readable = item.readable() if isinstance(item, DeferredSpan) else item
+                    try:
+                        readable = item.readable() if kind is DeferredSpan else item
+                    except Exception:  # a bug, or a propagator/sampler failing: skip the span
+                        self._failed()
+                        continue
                     if readable is not None:
                         batch.append(readable)
                 if batch:
@@ -302,10 +317,13 @@ class DeferredSpan(trace.Span):
     them. Only the thread that started it changes it; the export thread reads it once ended.
     """
 
-    __slots__ = (
-        "_attributes", "_context", "_end", "_events", "_kind", "_links", "_name", "_parent",
-        "_parent_context", "_sampler_attributes", "_start", "_status", "_tracer",
-    )
+    # Fields most spans never set, as class-level defaults: fewer stores per span started.
+    _events: list[Event] | None = None
+    _end: int | None = None
+    _status = _UNSET
+    _context: SpanContext | None = None
+    _parent_context: SpanContext | None = None
+    _sampler_attributes: types.Attributes = None
 
     def __init__(
         self,
@@ -324,13 +342,7 @@ class DeferredSpan(trace.Span):
         self._parent = parent
         self._attributes = attributes
         self._links = links
-        self._events: list[Event] | None = None
         self._start = start_time
-        self._end: int | None = None
-        self._status = _UNSET
-        self._context: SpanContext | None = None
-        self._parent_context: SpanContext | None = None
-        self._sampler_attributes: types.Attributes = None
 
     # -- the check path's own calls -----------------------------------------------------------
     def set_trusted_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
@@ -433,11 +445,13 @@ class DeferredSpan(trace.Span):
     # -- the export thread ----------------------------------------------------------------------
     def readable(self) -> ReadableSpan | None:
         """The SDK's span for the exporters, or None if the sampler dropped this one."""
-        context = self.get_span_context()
-        if not context.trace_flags.sampled:
+        context = self._context or self._tracer.resolve(self)
+        if not context.trace_flags & TraceFlags.SAMPLED:
             return None
-        attributes: dict[str, types.AnyValue] = dict(self._sampler_attributes or {})
-        attributes.update(self._attributes)
+        # Ended: nothing changes these attributes any more, so the span can have them as they are.
+        attributes = self._attributes
+        if self._sampler_attributes:
+            attributes = {**self._sampler_attributes, **attributes}
         tracer = self._tracer
         return ReadableSpan(
             self._name, context, self._parent_context, tracer.resource, attributes,
@@ -496,7 +510,7 @@ class DeferredTracer(trace.Tracer):
     ) -> trace.Span:
         current = trace.get_current_span(context)
         # A deferred parent is kept unresolved; any other is used if it has a valid context.
-        valid = isinstance(current, DeferredSpan) or current.get_span_context().is_valid
+        valid = type(current) is DeferredSpan or current.get_span_context().is_valid
         return DeferredSpan(
             self, name, kind, current if valid else None, dict(attributes) if attributes else {},
             tuple(link for link in links if link.context.is_valid) if links else (),
@@ -527,10 +541,10 @@ class DeferredTracer(trace.Tracer):
                 return span._context
             parent = span._parent
             parent_context: SpanContext | None = None
-            if isinstance(parent, trace.Span):
-                parent_context = parent.get_span_context()
-            elif parent is not None:
+            if type(parent) is dict:  # the caller's trace headers (start_remote_child)
                 parent_context = trace.get_current_span(self.extract(parent)).get_span_context()
+            elif parent is not None:
+                parent_context = parent.get_span_context()  # type: ignore[union-attr]
             if parent_context is not None and not parent_context.is_valid:
                 parent_context = None
 
@@ -539,10 +553,11 @@ class DeferredTracer(trace.Tracer):
             attributes: types.Attributes = span._attributes
             if parent_context is not None:
                 trace_id = parent_context.trace_id
-                random_id = parent_context.trace_flags.random_trace_id
-                if self._by_parent is not None:
-                    decision = self._by_parent[parent_context.is_remote,
-                                               parent_context.trace_flags.sampled]
+                flags = parent_context.trace_flags
+                random_id = flags & TraceFlags.RANDOM_TRACE_ID
+                by_parent = self._by_parent
+                if by_parent is not None:
+                    decision = by_parent[parent_context.is_remote, bool(flags & TraceFlags.SAMPLED)]
                     trace_state = parent_context.trace_state
             else:
                 trace_id = self._ids.generate_trace_id()

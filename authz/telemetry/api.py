@@ -31,7 +31,13 @@ from authz.decision import Decision, Outcome
 from authz.telemetry.config import TRACES_EXPORTER_GROUP, TelemetryConfig, TelemetryConfigError
 from authz.telemetry.logs import DenySampler, mask_url, parse_level
 from authz.telemetry.metrics import BridgedHistogram, Counts, HistogramBridge, create_instruments
-from authz.telemetry.propagation import Capture, Extractor, make_deferred, make_extractor
+from authz.telemetry.propagation import (
+    Capture,
+    Extractor,
+    make_deferred,
+    make_extractor,
+    maybe_unsampled,
+)
 from authz.telemetry.spans import (
     DeferredSpan,
     DeferredTracer,
@@ -229,6 +235,7 @@ class Telemetry:
                     extract_carrier)
                 self._tracer = self._check_tracer
                 self.span_mode = "deferred"
+                self._parent_decides = self._check_tracer.drops_unsampled_remote
             else:
                 self._tracer = provider.get_tracer(SCOPE_NAME, _package_version())
                 self.span_mode = "sdk"
@@ -387,8 +394,17 @@ class Telemetry:
                 # Deferred: note the trace headers, parse them later (spans.py).
                 capture = self._capture
                 assert capture is not None
+                carrier = capture(headers)
+                if carrier is not None and self._parent_decides and maybe_unsampled(carrier):
+                    # Most requests in a mesh are not sampled (~99%) and the sampler follows
+                    # the caller: read the headers now and make no span at all, only the
+                    # caller's context current (logs, JWKS child spans follow it).
+                    caller_context = check_tracer.extract(carrier)
+                    caller = trace.get_current_span(caller_context).get_span_context()
+                    if caller.is_valid and not caller.trace_flags.sampled:
+                        return CheckScope(self, start, None, caller_context)
                 span: trace.Span = check_tracer.start_remote_child(
-                    SPAN_NAME, capture(headers), SpanKind.SERVER, RPC_ATTRIBUTES)
+                    SPAN_NAME, carrier, SpanKind.SERVER, RPC_ATTRIBUTES)
                 # On an empty context, not a copy of the current one (nothing else to keep).
                 return CheckScope(self, start, span, trace.set_span_in_context(span, _EMPTY))
             extract = self._extract

@@ -78,6 +78,26 @@ Capture = Callable[[Mapping[str, str]], "dict[str, str] | None"]
 CarrierExtract = Callable[[Mapping[str, str]], Context]
 
 
+def maybe_unsampled(carrier: Mapping[str, str]) -> bool:
+    """A cheap look at captured trace headers: True if they may say "not sampled".
+
+    Only a hint, to decide whether to run the SDK's propagator on the check path (the mesh
+    samples ~1%, so most requests say "not sampled" and need no span at all): a W3C
+    traceparent whose flags end the header as 00 (or any even value), B3's sampling state 0.
+    The propagator's answer is what counts; a wrong hint costs time, never correctness.
+    """
+    traceparent = carrier.get("traceparent")
+    if traceparent is not None:
+        return traceparent[-1:] in _EVEN_HEX
+    b3 = carrier.get("b3")
+    if b3 is not None:
+        return b3 == "0" or b3.split("-")[2:3] == ["0"]
+    return carrier.get("x-b3-sampled") in ("0", "false") and carrier.get("x-b3-flags") != "1"
+
+
+_EVEN_HEX = frozenset("02468aceACE")
+
+
 def make_deferred(names: Sequence[str]) -> tuple[Capture, CarrierExtract] | None:
     """For the default propagators: (capture, extract), to read the caller's context later.
 

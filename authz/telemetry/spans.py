@@ -486,6 +486,11 @@ class DeferredTracer(trace.Tracer):
         self.scope = scope
         self.queue = queue
 
+    @property
+    def drops_unsampled_remote(self) -> bool:
+        """The sampler drops every span whose remote parent is not sampled (parentbased_*)."""
+        return self._by_parent is not None and self._by_parent[True, False] is Decision.DROP
+
     def start_remote_child(
         self,
         name: str,
@@ -509,10 +514,23 @@ class DeferredTracer(trace.Tracer):
         set_status_on_exception: bool = True,
     ) -> trace.Span:
         current = trace.get_current_span(context)
-        # A deferred parent is kept unresolved; any other is used if it has a valid context.
-        valid = type(current) is DeferredSpan or current.get_span_context().is_valid
+        parent: trace.Span | None = current
+        if type(current) is not DeferredSpan:  # a deferred parent is kept unresolved
+            parent_context = current.get_span_context()
+            if not parent_context.is_valid:
+                parent = None
+            elif self._by_parent is not None:
+                flags = parent_context.trace_flags
+                if self._by_parent[parent_context.is_remote,
+                                   bool(flags & TraceFlags.SAMPLED)] is Decision.DROP:
+                    # Known now (an unsampled caller, parent-based sampling): no span to
+                    # record, just a context for any children, as the SDK's tracer returns.
+                    return trace.NonRecordingSpan(SpanContext(
+                        parent_context.trace_id, self._ids.generate_span_id(), False,
+                        _FLAGS[False, bool(flags & TraceFlags.RANDOM_TRACE_ID)],
+                        parent_context.trace_state))
         return DeferredSpan(
-            self, name, kind, current if valid else None, dict(attributes) if attributes else {},
+            self, name, kind, parent, dict(attributes) if attributes else {},
             tuple(link for link in links if link.context.is_valid) if links else (),
             start_time if start_time is not None else time_ns(),
         )

@@ -24,6 +24,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 
 from authz.telemetry.api import SPAN_NAME
 from authz.telemetry.config import QueueSettings, TelemetryConfigError
+from authz.telemetry.propagation import maybe_unsampled
 from authz.telemetry.spans import (
     DeferredSpan,
     SpanQueue,
@@ -353,3 +354,45 @@ def test_a_span_that_cannot_be_built_is_dropped_and_the_thread_goes_on(
     monkeypatch.undo()
     harness.check(ALLOWED, request_headers(traceparent=TRACEPARENT))
     assert len(harness.finished_spans()) == 1
+
+
+def test_an_unsampled_caller_gets_no_span_at_all(harness: Harness) -> None:
+    """Parent-based sampling (the default) and a caller that says "not sampled" (~99% of a
+    mesh's requests): the headers are read on the check path and nothing is queued."""
+    store_tracer = harness.telemetry.tracer("authz.buckets.redis")
+    assert store_tracer is not None
+    unsampled = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"
+    with harness.telemetry.start_check(request_headers(traceparent=unsampled)) as scope:
+        assert scope.span is None
+        child = store_tracer.start_span("redis.charge")
+        assert not child.is_recording()
+        assert format(child.get_span_context().trace_id, "032x") == TRACE_ID
+        child.end()
+        scope.finish(ALLOWED, "user-1")
+    queue = harness.telemetry._queue
+    assert queue is not None and not queue._queue
+    assert harness.finished_spans() == []
+
+
+@pytest.mark.parametrize(("headers", "hint"), [
+    ({"traceparent": TRACEPARENT}, False),
+    ({"traceparent": TRACEPARENT[:-2] + "00"}, True),
+    ({"traceparent": TRACEPARENT[:-2] + "02"}, True),  # random-trace-id flag, not sampled
+    ({"traceparent": TRACEPARENT[:-2] + "03"}, False),
+    ({"b3": "0"}, True),
+    ({"b3": f"{TRACE_ID}-{PARENT_SPAN_ID}-0"}, True),
+    ({"b3": f"{TRACE_ID}-{PARENT_SPAN_ID}-1"}, False),
+    ({"b3": f"{TRACE_ID}-{PARENT_SPAN_ID}"}, False),  # deferred: the sampler decides
+    ({"x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_SPAN_ID, "x-b3-sampled": "0"}, True),
+    ({"x-b3-traceid": TRACE_ID, "x-b3-spanid": PARENT_SPAN_ID, "x-b3-sampled": "1"}, False),
+])
+def test_the_unsampled_hint(headers: dict[str, str], hint: bool) -> None:
+    assert maybe_unsampled(headers) is hint
+
+
+def test_a_malformed_traceparent_that_looks_unsampled_still_gets_a_root_span(
+    harness: Harness,
+) -> None:
+    harness.check(ALLOWED, request_headers(traceparent="00-not-a-trace-00"))
+    [span] = harness.finished_spans()
+    assert span.parent is None and format(span.context.trace_id, "032x") != TRACE_ID

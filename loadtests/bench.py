@@ -649,11 +649,15 @@ def bench(args: argparse.Namespace) -> Report:
             for rnd in range(opts.rounds if servers else 0):
                 # Rotate the order each round so no server always runs first or last.
                 order = servers[rnd % len(servers):] + servers[: rnd % len(servers)]
+                # The servers' throughput runs back to back, then their latency runs: the runs
+                # compared within a round are as close in time as they can be.
                 for s in order:
                     res = rep.results.setdefault(s.name, ServerResult(s.name))
-                    run = throughput(s, body_file, opts, work, client_cpu, rep.notes,
-                                     redis_port)
-                    res.runs.append(run)
+                    res.runs.append(throughput(s, body_file, opts, work, client_cpu, rep.notes,
+                                               redis_port))
+                for s in order:
+                    res = rep.results[s.name]
+                    run = res.runs[-1]
                     lt = light(s, body_file, opts, work, client_cpu)
                     res.lights.append(lt)
                     batching = (f", {run.scripts_per_redis_read:.2f} EVALSHA per Redis read"

@@ -168,8 +168,8 @@ class SpanQueue:
 
     Items are `DeferredSpan`s (resolved and turned into ReadableSpans on the thread) or the SDK
     provider's finished `ReadableSpan`s (exported as they are). The thread exports when a batch
-    is full or `schedule_delay_s` has passed, whichever comes first; a full queue drops the
-    oldest span and logs a warning (at most once a minute).
+    is full or `schedule_delay_s` has passed, whichever comes first; a full queue refuses new
+    spans (counted in `dropped`) and logs a warning at most once a minute.
     """
 
     def __init__(self, exporters: Sequence[SpanExporter], settings: QueueSettings) -> None:

@@ -182,8 +182,8 @@ class RedisBucketStore:
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  tracer: trace.Tracer | None = None) -> None:
         self._settings = settings
-        # Starts the "redis.charge" span of each write (Telemetry.tracer: the lean check-path
-        # tracer when tracing is on).
+        # Starts the "redis.charge" span of each write (Telemetry.tracer: the deferred
+        # check-path tracer when tracing is on).
         self.tracer = tracer if tracer is not None else _default_tracer
         self._prefix = settings.key_prefix
         self._timeout = settings.timeout

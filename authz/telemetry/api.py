@@ -390,32 +390,29 @@ class Telemetry:
             return CheckScope(self, start, None, None)
         try:
             check_tracer = self._check_tracer
+            carrier = None
+            parent: otel_context.Context | None = None
             if check_tracer is not None:
-                # Deferred: note the trace headers, parse them later (spans.py).
-                capture = self._capture
-                assert capture is not None
-                carrier = capture(headers)
+                # Deferred: note the trace headers; they are parsed later (spans.py), or now
+                # only when they may say "not sampled" and the sampler follows the caller.
+                assert self._capture is not None
+                carrier = self._capture(headers)
                 if carrier is not None and self._parent_decides and maybe_unsampled(carrier):
-                    # Most requests in a mesh are not sampled (~99%) and the sampler follows
-                    # the caller: read the headers now and make no span at all, only the
-                    # caller's context current (logs, JWKS child spans follow it).
-                    caller_context = check_tracer.extract(carrier)
-                    caller = trace.get_current_span(caller_context).get_span_context()
-                    if caller.is_valid and not caller.trace_flags.sampled:
-                        return CheckScope(self, start, None, caller_context)
+                    parent = check_tracer.extract(carrier)
+            elif self._extract is not None:
+                parent = self._extract(headers)
+            if parent is not None and self._parent_decides:
+                caller = trace.get_current_span(parent).get_span_context()
+                if caller.is_valid and not caller.trace_flags.sampled:
+                    # A parent-based sampler drops this trace anyway (the mesh samples ~1%):
+                    # no span, but the caller's context is current so store/JWKS child spans
+                    # are dropped too and the logs carry its trace id.
+                    return CheckScope(self, start, None, parent)
+            if check_tracer is not None:
                 span: trace.Span = check_tracer.start_remote_child(
                     SPAN_NAME, carrier, SpanKind.SERVER, RPC_ATTRIBUTES)
                 # On an empty context, not a copy of the current one (nothing else to keep).
                 return CheckScope(self, start, span, trace.set_span_in_context(span, _EMPTY))
-            extract = self._extract
-            parent = extract(headers) if extract is not None else None
-            if parent is not None and self._parent_decides:
-                caller = trace.get_current_span(parent).get_span_context()
-                if caller.is_valid and not caller.trace_flags.sampled:
-                    # A ParentBased sampler drops this trace anyway (the mesh samples ~1%): skip
-                    # building a span the SDK would discard (~7 us), but make the caller's
-                    # context current so store/JWKS child spans are dropped too.
-                    return CheckScope(self, start, None, parent)
             span = tracer.start_span(SPAN_NAME, parent, SpanKind.SERVER, RPC_ATTRIBUTES)
             return CheckScope(self, start, span, trace.set_span_in_context(span, parent))
         except Exception:
@@ -445,17 +442,11 @@ class Telemetry:
             counts.count_decision((outcome.value, decision.reason, decision.plan, decision.model))
             span = scope.span
             if span is not None:
-                if type(span) is DeferredSpan:
-                    span.set_trusted_attributes(self._span_attributes(decision, subject))
+                if span.is_recording():
+                    _set_attributes(span, self._span_attributes(decision, subject))
                     if outcome in _ERROR_OUTCOMES:
                         span.set_status(Status(StatusCode.ERROR, decision.reason))
-                    span.end()
-                else:
-                    if span.is_recording():
-                        _set_attributes(span, self._span_attributes(decision, subject))
-                        if outcome in _ERROR_OUTCOMES:
-                            span.set_status(Status(StatusCode.ERROR, decision.reason))
-                    span.end()
+                span.end()
             if not decision.allowed and _deny_log.isEnabledFor(self._deny_level):
                 sampler = self._deny_sampler
                 if sampler.allow(time.monotonic()):
@@ -631,6 +622,9 @@ def _set_attributes(span: trace.Span, attrs: Mapping[str, Any]) -> None:
     values go straight into its dict. Anything else (another SDK version, limits configured via
     OTEL_ATTRIBUTE_*_LIMIT) takes the public path. tests/telemetry check the exported span.
     """
+    if type(span) is DeferredSpan:  # ours: plain values into its own dict
+        span.set_trusted_attributes(attrs)
+        return
     bounded = getattr(span, "_attributes", None)
     store = getattr(bounded, "_dict", None)
     if (

@@ -69,16 +69,7 @@ class QueueSettings:
 
 
 def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise TelemetryConfigError(f"{name}={raw!r}: expected a whole number above 0")
-    return value
+    return _int(environ, name, default, 1, None, "a whole number above 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,13 +197,19 @@ def _bool(environ: Mapping[str, str], name: str) -> bool:
 
 
 def _port(environ: Mapping[str, str], name: str, default: int) -> int:
+    return _int(environ, name, default, 0, 65535, "a port number 0-65535 (0 = off)")
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int | None,
+         expected: str) -> int:
+    """An integer variable within [low, high]; unset or blank: `default`."""
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        port = int(raw)
+        value = int(raw)
     except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise TelemetryConfigError(f"{name}={raw!r}: expected a port number 0-65535 (0 = off)")
-    return port
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        raise TelemetryConfigError(f"{name}={raw!r}: expected {expected}")
+    return value

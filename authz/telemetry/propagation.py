@@ -61,16 +61,6 @@ class _HeaderGetter(Getter[Mapping[str, str]]):
 _GETTER = _HeaderGetter()
 
 
-def _tracecontext_only(tracecontext: TextMapPropagator) -> Extractor:
-    def extract(headers: Mapping[str, str]) -> Context | None:
-        if "traceparent" in headers:
-            ctx: Context = tracecontext.extract(headers, getter=_GETTER)
-            return ctx
-        return None
-
-    return extract
-
-
 # Every header the B3 propagator reads (single and multi-header forms).
 _B3_HEADERS = ("b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags",
                "x-b3-parentspanid")
@@ -144,19 +134,14 @@ def make_extractor(names: Sequence[str]) -> Extractor | None:
     """The function that turns request headers into a parent context, or None to not read any."""
     if not names:
         return None
-    if tuple(names) == DEFAULT_PROPAGATORS:
-        tracecontext, b3 = _default_propagators()
-        if b3 is None:
-            return _tracecontext_only(tracecontext)
+    deferred = make_deferred(names)
+    if deferred is not None:
+        # The default propagators: the same header choice as the deferred path, now.
+        capture, extract = deferred
 
         def extract_default(headers: Mapping[str, str]) -> Context | None:
-            if "traceparent" in headers:
-                ctx: Context = tracecontext.extract(headers, getter=_GETTER)
-                return ctx
-            if "b3" in headers or "x-b3-traceid" in headers:
-                ctx = b3.extract(headers, getter=_GETTER)
-                return ctx
-            return None
+            carrier = capture(headers)
+            return extract(carrier) if carrier is not None else None
 
         return extract_default
 

@@ -486,6 +486,13 @@ class DeferredTracer(trace.Tracer):
         self.scope = scope
         self.queue = queue
 
+    def _decision_for(self, parent: SpanContext) -> Decision | None:
+        """The sampler's decision for a child of this valid parent, if it depends on nothing
+        else (see _static_decisions); None: ask the sampler."""
+        if self._by_parent is None:
+            return None
+        return self._by_parent[parent.is_remote, bool(parent.trace_flags & TraceFlags.SAMPLED)]
+
     @property
     def drops_unsampled_remote(self) -> bool:
         """The sampler drops every span whose remote parent is not sampled (parentbased_*)."""
@@ -519,16 +526,13 @@ class DeferredTracer(trace.Tracer):
             parent_context = current.get_span_context()
             if not parent_context.is_valid:
                 parent = None
-            elif self._by_parent is not None:
-                flags = parent_context.trace_flags
-                if self._by_parent[parent_context.is_remote,
-                                   bool(flags & TraceFlags.SAMPLED)] is Decision.DROP:
-                    # Known now (an unsampled caller, parent-based sampling): no span to
-                    # record, just a context for any children, as the SDK's tracer returns.
-                    return trace.NonRecordingSpan(SpanContext(
-                        parent_context.trace_id, self._ids.generate_span_id(), False,
-                        _FLAGS[False, bool(flags & TraceFlags.RANDOM_TRACE_ID)],
-                        parent_context.trace_state))
+            elif self._decision_for(parent_context) is Decision.DROP:
+                # Known now (an unsampled caller, parent-based sampling): no span to record,
+                # just a context for any children, as the SDK's tracer returns.
+                return trace.NonRecordingSpan(SpanContext(
+                    parent_context.trace_id, self._ids.generate_span_id(), False,
+                    _FLAGS[False, bool(parent_context.trace_flags & TraceFlags.RANDOM_TRACE_ID)],
+                    parent_context.trace_state))
         return DeferredSpan(
             self, name, kind, parent, dict(attributes) if attributes else {},
             tuple(link for link in links if link.context.is_valid) if links else (),
@@ -571,12 +575,9 @@ class DeferredTracer(trace.Tracer):
             attributes: types.Attributes = span._attributes
             if parent_context is not None:
                 trace_id = parent_context.trace_id
-                flags = parent_context.trace_flags
-                random_id = flags & TraceFlags.RANDOM_TRACE_ID
-                by_parent = self._by_parent
-                if by_parent is not None:
-                    decision = by_parent[parent_context.is_remote, bool(flags & TraceFlags.SAMPLED)]
-                    trace_state = parent_context.trace_state
+                random_id = parent_context.trace_flags & TraceFlags.RANDOM_TRACE_ID
+                decision = self._decision_for(parent_context)
+                trace_state = parent_context.trace_state
             else:
                 trace_id = self._ids.generate_trace_id()
                 random_id = self._random_ids

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config.errors import ConfigError
-from .config.loader import load_settings
 from .config.settings import Settings
 
 log = logging.getLogger("authz")
@@ -73,41 +72,30 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .quota import load_quota
     from .server.workers import EXIT_STARTUP
+    from .service_config import load_service_config
 
+    changes: dict[str, Any] = {}
+    if args.grpc_port is not None:
+        changes["grpc_port"] = args.grpc_port
+    if args.metrics_port is not None:
+        changes["metrics_port"] = args.metrics_port
+    if args.workers is not None:
+        changes["workers"] = args.workers
     try:
-        settings = load_settings(args.config)
-        server = settings.server
-        changes: dict[str, Any] = {}
-        if args.grpc_port is not None:
-            changes["grpc_port"] = args.grpc_port
-        if args.metrics_port is not None:
-            changes["metrics_port"] = args.metrics_port
-        if args.workers is not None:
-            changes["workers"] = args.workers
-        server = dataclasses.replace(server, **changes)
-        settings = dataclasses.replace(settings, server=server)
-        quota = load_quota(settings.quota_file)
+        loaded = load_service_config(args.config, env=os.environ, dev=args.dev, server=changes)
     except ConfigError as e:
-        print(f"authz: configuration error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f"authz: configuration error: {line}", file=sys.stderr)
         return EXIT_STARTUP
+    settings, quota = loaded.settings, loaded.quota
+    server = settings.server
     _configure_logging(settings)
-
-    if not settings.auth.issuers and not args.dev:
-        print("authz: no issuers configured: give a config file with auth.issuers "
-              "(--config FILE or AUTHZ_CONFIG; see README 'Configuration'), or try it with "
-              "--dev", file=sys.stderr)
-        return EXIT_STARTUP
 
     workers = server.workers or os.cpu_count() or 1
     if not settings.store.redis_url:
-        # In-memory buckets live in one process: N workers would each grant the whole limit.
-        if server.workers > 1:
-            print(f"authz: server.workers is {server.workers} but store.redis_url is empty: the "
-                  "in-memory store keeps buckets per process, so every worker would grant the "
-                  "full limit. Configure store.redis_url, or use --workers 1.", file=sys.stderr)
-            return EXIT_STARTUP
+        # In-memory buckets live in one process: N workers would each grant the whole limit
+        # (load_service_config refuses workers > 1; 0 = "one per CPU" means one here).
         workers = 1
     if args.dev:
         workers = 1  # the dev key lives in one process's memory; tokens must verify anywhere
@@ -129,10 +117,17 @@ def _serve(args: argparse.Namespace) -> int:
 def _supervise(worker_argv: list[str], workers: int, settings: Settings) -> int:
     """Run the workers; the supervisor serves their merged metrics on the one metrics port
     (each worker serves its own on loopback, metrics_port + 1 + i)."""
-    from .server.workers import EXIT_STARTUP, supervise
+    from .server.workers import EXIT_STARTUP, PortTaken, reserve_port, supervise
     from .telemetry.aggregate import MetricsAggregator, worker_environment, worker_targets
 
     server = settings.server
+    try:
+        port, claim = reserve_port(server.host, server.grpc_port)
+    except PortTaken as e:
+        print(f"authz: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    if port != server.grpc_port:  # 0: one free port, the same for every worker
+        worker_argv = [*worker_argv, "--grpc-port", str(port)]
     aggregator = None
     env_for = None
     if server.metrics_port:
@@ -154,6 +149,8 @@ def _supervise(worker_argv: list[str], workers: int, settings: Settings) -> int:
     finally:
         if aggregator is not None:
             aggregator.shutdown()
+        if claim is not None:
+            claim.close()
 
 
 def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
@@ -217,27 +214,37 @@ def _print_dev_banner(signer: Any, port: int) -> None:
 
 
 def _check_config(file: str) -> int:
-    from .config.reader import Node, load_yaml
-    from .quota import load_quota, parse_quota
+    """Validate a config file exactly as `serve` does (same function, same environment), or a
+    quota file by itself. Prints every problem, one per line."""
+    from .config.reader import load_yaml
+    from .quota import parse_quota
+    from .quota.model import BUILTIN_PLANS
+    from .service_config import load_service_config
 
     try:
         data = load_yaml(file)
         quota_keys = {"plans", "plan_claim", "default_plan", "overrides"}
         if isinstance(data, dict) and quota_keys & set(data):
             quota = parse_quota(data, file)
-            print(f"{file}: OK (quota: {len(quota.plans)} plans incl. built-ins, "
+            print(f"{file}: OK (quota: {_plan_count(quota, BUILTIN_PLANS)}, "
                   f"{len(quota.overrides)} overrides, default plan {quota.default_plan!r})")
             return 0
-        Node.root(file, data)
-        settings = load_settings(file, env={})
-        quota = load_quota(settings.quota_file)
+        loaded = load_service_config(file, env=os.environ)
     except ConfigError as e:
-        print(f"authz: {e}", file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f"authz: {line}", file=sys.stderr)
         return 1
+    settings, quota = loaded.settings, loaded.quota
     store = "redis" if settings.store.redis_url else "in-memory"
     print(f"{file}: OK (config: {len(settings.auth.issuers)} issuers, store {store}, "
-          f"quota {settings.quota_file or '<embedded default>'}: {len(quota.plans)} plans)")
+          f"quota {settings.quota_file or '<embedded default>'}: "
+          f"{_plan_count(quota, BUILTIN_PLANS)})")
     return 0
+
+
+def _plan_count(quota: Any, builtin: tuple[str, ...]) -> str:
+    defined = len([p for p in quota.plans if p not in builtin])
+    return f"{defined} plan{'s' if defined != 1 else ''} (+ built-in {', '.join(builtin)})"
 
 
 def _check(args: argparse.Namespace) -> int:

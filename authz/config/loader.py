@@ -1,12 +1,15 @@
 """Load and validate the service config file (YAML) into `Settings`.
 
-Every problem raises `ConfigError` naming the file and the key; the service refuses to start
-rather than run on a half-read config.
+Every problem is a `ConfigError` naming the file and the key, and all of a file's problems are
+reported together (`ConfigErrors`); the service refuses to start rather than run on a half-read
+config. The bounds of every number are here, each with where it comes from (README
+"Configuration reference" lists them).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -36,45 +39,91 @@ SUPPORTED_ALGORITHMS = ASYMMETRIC_ALGORITHMS
 _HEADER_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.!#$%&'*+^`|~")
 
 
-def load_settings(path: str | Path | None, *, env: dict[str, str] | None = None) -> Settings:
+def load_settings(path: str | Path | None, *, env: Mapping[str, str] | None = None) -> Settings:
     """Read the config file (None: the embedded defaults) and apply environment overrides."""
     environ = os.environ if env is None else env
     if path is None:
         settings = Settings()
-        file = "<defaults>"
     else:
-        file = str(path)
-        settings = parse_settings(load_yaml(path), file, base_dir=Path(path).parent)
+        settings = parse_settings(load_yaml(path), str(path), base_dir=Path(path).parent)
     salt = environ.get("AUTHZ_SUBJECT_SALT")
     if salt:  # a secret: from the environment (a Kubernetes Secret), not the config file
         settings = _replace(settings, telemetry=_replace(settings.telemetry, subject_salt=salt))
     redis_url = environ.get("AUTHZ_REDIS_URL")
     if redis_url is not None:
-        _check_redis_url(Node.root("AUTHZ_REDIS_URL", {}), "", redis_url)
+        env_node = Node.root("AUTHZ_REDIS_URL", {})
+        _check_redis_url(env_node, "", redis_url)
+        env_node.problems.raise_if_any()
         settings = _replace(settings, store=_replace(settings.store, redis_url=redis_url))
-    del file
     return settings
 
 
 def parse_settings(data: Any, file: str, *, base_dir: Path | None = None) -> Settings:
+    """Every key checked; all problems raised together (`ConfigErrors`), never a partial
+    Settings."""
     root = Node.root(file, data)
-    server = _server(root.section("server"))
-    auth = _auth(root.section("auth"), base_dir)
-    store = _store(root.section("store"))
-    paths = _paths(root.section("paths"))
-    headers = _headers(root.section("headers"))
-    telemetry = _telemetry(root.section("telemetry"))
+    problems = root.problems
+    d = Settings()
+    server, auth, store = d.server, d.auth, d.store
+    paths, headers, telemetry = d.paths, d.headers, d.telemetry
+    with problems.part():
+        server = _server(root.section("server"))
+    with problems.part():
+        auth = _auth(root.section("auth"), base_dir)
+    with problems.part():
+        store = _store(root.section("store"))
+    with problems.part():
+        paths = _paths(root.section("paths"))
+    with problems.part():
+        headers = _headers(root.section("headers"))
+    with problems.part():
+        telemetry = _telemetry(root.section("telemetry"))
     quota_file = root.opt_str("quota_file")
     if quota_file is not None and base_dir is not None:
         quota_file = str(base_dir / quota_file)
-    reload_interval = root.duration("quota_reload_interval", 10.0, allow_zero=True)
-    internal = root.integer("internal_error_status", 500, minimum=500, maximum=599)
+    reload_interval = root.duration(
+        "quota_reload_interval", d.quota_reload_interval, allow_zero=True,
+        minimum=QUOTA_RELOAD_INTERVAL_MIN, maximum=QUOTA_RELOAD_INTERVAL_MAX)
+    internal = root.integer("internal_error_status", d.internal_error_status, minimum=500,
+                            maximum=599)
     root.done()
+    problems.raise_if_any()
     return Settings(
         server=server, auth=auth, store=store, paths=paths, headers=headers,
         telemetry=telemetry, quota_file=quota_file, quota_reload_interval=reload_interval,
         internal_error_status=internal,
     )
+
+
+# Bounds of every duration, in seconds (README "Configuration reference" lists them). Each
+# keeps the value inside what asyncio's timers and the deployment around us can use.
+# After SIGTERM, Kubernetes waits terminationGracePeriodSeconds (30 s by default) before it
+# kills: delays beyond a few minutes only postpone that kill.
+DRAIN_DELAY_MAX = 300.0
+SHUTDOWN_GRACE_MIN = 0.001
+SHUTDOWN_GRACE_MAX = 600.0
+# A JWKS fetch longer than a minute is a dead identity provider, not a slow one.
+JWKS_TIMEOUT_MIN = 0.001
+JWKS_TIMEOUT_MAX = 60.0
+# Refreshing more often than every second would be a request flood; less often than daily
+# leaves rotated-out keys trusted too long.
+JWKS_REFRESH_INTERVAL_MIN = 1.0
+JWKS_REFRESH_INTERVAL_MAX = 86400.0
+JWKS_REFRESH_MIN_INTERVAL_MAX = 86400.0
+# Below 1 ms a Redis call cannot even be written; above 10 s the mesh's own check timeout
+# (0.5 s recommended) has long answered.
+STORE_TIMEOUT_MIN = 0.001
+STORE_TIMEOUT_MAX = 10.0
+# Polling faster than once a second gains nothing (Kubernetes updates a mounted ConfigMap
+# within about a minute); 0 turns polling off (SIGHUP only).
+QUOTA_RELOAD_INTERVAL_MIN = 1.0
+QUOTA_RELOAD_INTERVAL_MAX = 86400.0
+# Envoy's default limit on a request's headers is 60 KiB: no longer token can arrive.
+MAX_TOKEN_BYTES = 65536
+# ~2 KB per entry (loadtests --rss-only): a million entries is ~2 GB, more than any pod has.
+MAX_TOKEN_CACHE = 1_000_000
+# Deny log lines per second: beyond this the log is a flood that the sampling exists to stop.
+MAX_DENY_LOG_RATE = 10_000.0
 
 
 def _server(n: Node) -> ServerSettings:
@@ -84,12 +133,14 @@ def _server(n: Node) -> ServerSettings:
         grpc_port=n.integer("grpc_port", d.grpc_port, minimum=0, maximum=65535),
         metrics_port=n.integer("metrics_port", d.metrics_port, minimum=0, maximum=65535),
         workers=n.integer("workers", d.workers, minimum=0, maximum=256),
-        drain_delay=n.duration("drain_delay", d.drain_delay, allow_zero=True),
-        shutdown_grace=n.duration("shutdown_grace", d.shutdown_grace),
+        drain_delay=n.duration("drain_delay", d.drain_delay, allow_zero=True,
+                               maximum=DRAIN_DELAY_MAX),
+        shutdown_grace=n.duration("shutdown_grace", d.shutdown_grace,
+                                  minimum=SHUTDOWN_GRACE_MIN, maximum=SHUTDOWN_GRACE_MAX),
     )
     n.done()
-    if s.metrics_port and s.metrics_port == s.grpc_port:
-        raise n.error("metrics_port", "must differ from grpc_port")
+    if not n.failed and s.metrics_port and s.metrics_port == s.grpc_port:
+        n.report("metrics_port", "must differ from grpc_port")
     return s
 
 
@@ -98,29 +149,37 @@ def _auth(n: Node, base_dir: Path | None) -> AuthSettings:
     issuers: list[IssuerSettings] = []
     seen: set[str] = set()
     for path, raw in n.items("issuers"):
-        issuer = _issuer(n.child(path, raw), base_dir)
-        if issuer.issuer in seen:
-            raise ConfigError(n.file, f"{path}.issuer", f"issuer {issuer.issuer!r} listed twice")
-        seen.add(issuer.issuer)
-        issuers.append(issuer)
+        with n.problems.part():
+            issuer = _issuer(n.child(path, raw), base_dir)
+            if issuer.issuer in seen:
+                raise ConfigError(n.file, f"{path}.issuer",
+                                  f"issuer {issuer.issuer!r} listed twice")
+            seen.add(issuer.issuer)
+            issuers.append(issuer)
     s = AuthSettings(
         issuers=tuple(issuers),
         audience=_audience(n, d.audience),
         leeway=n.duration("leeway", d.leeway, allow_zero=True),
-        max_token_bytes=n.integer("max_token_bytes", d.max_token_bytes, minimum=256),
-        token_cache_size=n.integer("token_cache_size", d.token_cache_size, minimum=0),
+        max_token_bytes=n.integer("max_token_bytes", d.max_token_bytes, minimum=256,
+                                  maximum=MAX_TOKEN_BYTES),
+        token_cache_size=n.integer("token_cache_size", d.token_cache_size, minimum=0,
+                                   maximum=MAX_TOKEN_CACHE),
         jwks_refresh_min_interval=n.duration(
-            "jwks_refresh_min_interval", d.jwks_refresh_min_interval, allow_zero=True
+            "jwks_refresh_min_interval", d.jwks_refresh_min_interval, allow_zero=True,
+            maximum=JWKS_REFRESH_MIN_INTERVAL_MAX,
         ),
-        jwks_refresh_interval=n.duration("jwks_refresh_interval", d.jwks_refresh_interval),
-        jwks_timeout=n.duration("jwks_timeout", d.jwks_timeout),
+        jwks_refresh_interval=n.duration(
+            "jwks_refresh_interval", d.jwks_refresh_interval,
+            minimum=JWKS_REFRESH_INTERVAL_MIN, maximum=JWKS_REFRESH_INTERVAL_MAX),
+        jwks_timeout=n.duration("jwks_timeout", d.jwks_timeout, minimum=JWKS_TIMEOUT_MIN,
+                                maximum=JWKS_TIMEOUT_MAX),
         on_jwks_unavailable=cast(
             Any, n.choice("on_jwks_unavailable", d.on_jwks_unavailable, ("fail", "retry"))
         ),
     )
     n.done()
     if s.leeway > 300:
-        raise n.error("leeway", "more than 5 minutes of clock leeway keeps expired tokens alive")
+        n.report("leeway", "more than 5 minutes of clock leeway keeps expired tokens alive")
     return s
 
 
@@ -128,14 +187,15 @@ def _audience(n: Node, default: str) -> str:
     value = n.text("audience", default, allow_empty=False)
     # It is quoted into WWW-Authenticate (realm="..."): keep it a plain visible-ASCII token.
     if not (value.isascii() and value.isprintable()) or any(c in value for c in '"\\ '):
-        raise n.error("audience", f"expected visible ASCII without spaces or quotes, got {value!r}")
+        n.report("audience", f"expected visible ASCII without spaces or quotes, got {value!r}")
+        return default
     return value
 
 
 def _issuer(n: Node, base_dir: Path | None) -> IssuerSettings:
     issuer = n.text("issuer", allow_empty=False)
     if issuer == DEV_ISSUER:
-        raise n.error(
+        n.report(
             "issuer",
             f"{DEV_ISSUER!r} is reserved for the development signer, which only "
             "`authz serve --dev` / `authz demo` can enable",
@@ -143,24 +203,28 @@ def _issuer(n: Node, base_dir: Path | None) -> IssuerSettings:
     jwks_url = n.opt_str("jwks_url")
     jwks_file = n.opt_str("jwks_file")
     pem_file = n.opt_str("pem_file")
-    sources = [k for k, v in (("jwks_url", jwks_url), ("jwks_file", jwks_file),
-                              ("pem_file", pem_file)) if v]
-    if len(sources) != 1:
-        raise n.error("", "needs exactly one key source: jwks_url, jwks_file or pem_file"
-                      + (f" (got {', '.join(sources)})" if sources else ""))
-    if jwks_url is not None:
-        scheme = urlsplit(jwks_url).scheme
-        if scheme not in ("https", "http"):
-            raise n.error("jwks_url", f"expected an https:// URL, got {jwks_url!r}")
-    if base_dir is not None:
-        jwks_file = str(base_dir / jwks_file) if jwks_file else None
-        pem_file = str(base_dir / pem_file) if pem_file else None
     algorithms = n.str_list("algorithms", ASYMMETRIC_ALGORITHMS)
     for alg in algorithms:
         if alg not in SUPPORTED_ALGORITHMS:
-            raise n.error("algorithms", f"unsupported algorithm {alg!r}; expected some of "
-                          f"{', '.join(SUPPORTED_ALGORITHMS)} ('none' and HS* are never accepted)")
+            n.report("algorithms", f"unsupported algorithm {alg!r}; expected some of "
+                     f"{', '.join(SUPPORTED_ALGORITHMS)} ('none' and HS* are never accepted)")
+            break
+    # Unknown keys first: `jwks_uri` (the OIDC discovery spelling) is a typo for `jwks_url`,
+    # which "needs exactly one key source" would only obscure.
+    unknown = n.has_unknown_keys
     n.done()
+    sources = [k for k, v in (("jwks_url", jwks_url), ("jwks_file", jwks_file),
+                              ("pem_file", pem_file)) if v]
+    if len(sources) != 1 and not unknown:
+        n.report("", "needs exactly one key source: jwks_url, jwks_file or pem_file"
+                 + (f" (got {', '.join(sources)})" if sources else ""))
+    if jwks_url is not None:
+        scheme = urlsplit(jwks_url).scheme
+        if scheme not in ("https", "http"):
+            n.report("jwks_url", f"expected an https:// URL, got {jwks_url!r}")
+    if base_dir is not None:
+        jwks_file = str(base_dir / jwks_file) if jwks_file else None
+        pem_file = str(base_dir / pem_file) if pem_file else None
     return IssuerSettings(issuer=issuer, jwks_url=jwks_url, jwks_file=jwks_file,
                           pem_file=pem_file, algorithms=algorithms)
 
@@ -173,16 +237,18 @@ def _store(n: Node) -> StoreSettings:
     s = StoreSettings(
         redis_url=url,
         key_prefix=n.text("key_prefix", d.key_prefix),
-        timeout=n.duration("timeout", d.timeout),
+        timeout=n.duration("timeout", d.timeout, minimum=STORE_TIMEOUT_MIN),
         on_error=cast(Any, n.choice("on_error", d.on_error, ("deny", "allow"))),
         max_batch=n.integer("max_batch", d.max_batch, minimum=1, maximum=100_000),
     )
     n.done()
-    if s.timeout > 10:
-        raise n.error("timeout", "at most 10s: the store answer must come well before the "
-                      "mesh's check timeout (0.5s recommended)")
+    if s.timeout > STORE_TIMEOUT_MAX:
+        n.report("timeout", "at most 10s: the store answer must come well before the "
+                 "mesh's check timeout (0.5s recommended)")
     if any(c in s.key_prefix for c in "{}"):
-        raise n.error("key_prefix", "must not contain { or } (they delimit the cluster hash tag)")
+        n.report("key_prefix", "must not contain { or } (they delimit the cluster hash tag)")
+    elif len(s.key_prefix) > 64 or not s.key_prefix.isprintable() or " " in s.key_prefix:
+        n.report("key_prefix", "expected at most 64 printable characters without spaces")
     return s
 
 
@@ -194,7 +260,7 @@ def _check_redis_url(n: Node, key: str, url: str) -> None:
     try:
         parse_redis_url(url)
     except StoreError as e:
-        raise n.error(key, f"invalid Redis URL: {e}") from None
+        n.report(key, f"invalid Redis URL: {e}")
 
 
 def _paths(n: Node) -> PathSettings:
@@ -207,15 +273,15 @@ def _paths(n: Node) -> PathSettings:
     n.done()
     for key, values in (("protected_prefixes", s.protected_prefixes),
                         ("public_paths", s.public_paths)):
-        for v in values:
-            if not v.startswith("/") or "?" in v or "//" in v:
-                raise n.error(key, f"expected absolute paths without query, got {v!r}")
+        bad = [v for v in values if not v.startswith("/") or "?" in v or "//" in v]
+        if bad:
+            n.report(key, f"expected absolute paths without query, got {bad[0]!r}")
     for prefix in s.protected_prefixes:
         if not prefix.endswith("/"):
-            raise n.error("protected_prefixes", f"{prefix!r} must end with '/'")
+            n.report("protected_prefixes", f"{prefix!r} must end with '/'")
         for public in s.public_paths:
             if public.startswith(prefix):
-                raise n.error("public_paths", f"{public!r} lies under protected prefix {prefix!r}")
+                n.report("public_paths", f"{public!r} lies under protected prefix {prefix!r}")
     return s
 
 
@@ -229,17 +295,19 @@ def _headers(n: Node) -> HeaderSettings:
     )
     n.done()
     names = [s.subject, s.issuer, s.plan, s.degraded]
-    if len(set(names)) != len(names):
-        raise n.error("", "header names must be distinct")
+    if not n.failed and len(set(names)) != len(names):
+        n.report("", "header names must be distinct")
     return s
 
 
 def _header_name(n: Node, key: str, default: str) -> str:
     value = n.text(key, default, allow_empty=False).lower()
     if not set(value) <= _HEADER_NAME_CHARS:
-        raise n.error(key, f"{value!r} is not a valid HTTP header name")
+        n.report(key, f"{value!r} is not a valid HTTP header name")
+        return default
     if value.startswith((":", "x-envoy-")) or value in ("host", "authorization"):
-        raise n.error(key, f"{value!r} is reserved (Envoy refuses to let ext_authz set it)")
+        n.report(key, f"{value!r} is reserved (Envoy refuses to let ext_authz set it)")
+        return default
     return value
 
 
@@ -252,7 +320,8 @@ def _telemetry(n: Node) -> TelemetrySettings:
         subject_salt=n.text("subject_salt", d.subject_salt),
         deny_log_level=n.choice("deny_log_level", d.deny_log_level,
                                 ("DEBUG", "INFO", "WARNING", "ERROR")),
-        deny_log_rate=n.number("deny_log_rate", d.deny_log_rate, positive=False),
+        deny_log_rate=n.number("deny_log_rate", d.deny_log_rate, positive=False,
+                               maximum=MAX_DENY_LOG_RATE),
         log_level=n.choice("log_level", d.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
         log_format=cast(Any, n.choice("log_format", d.log_format, ("json", "text"))),
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.errors import ConfigError
-from ..config.reader import Node, load_yaml, parse_yaml
+from ..config.reader import Node, parse_yaml, read_text
 from .model import BLOCKED, BUILTIN_PLANS, UNLIMITED, Limit, ModelRule, Plan, Quota
 
 # Plan and limit names end up in Redis keys, metric labels and headers: keep them plain.
@@ -17,46 +17,95 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]-][A-Za-z0-9_.*?\[\]-]{0,127}$")
 
 
-def load_quota(path: str | Path | None) -> Quota:
-    """Load a quota file; None loads the embedded default (authz/quota/default.yaml)."""
+# Bounds of a quota file's numbers (README "Quota file"). Bucket levels are doubles in Redis
+# and in memory: at 1e12 tokens a double still resolves ~1/4000 of a token (2^53 / 1e12), and
+# the largest LLM budgets (billions of tokens a month) fit a hundred times over.
+MAX_TOKENS = 1e12
+# A refill period from 1 ms (Redis TIME has microseconds, a period below a millisecond is a
+# rate, better written per second) to a leap year (monthly and yearly budgets).
+MIN_PER = 0.001
+MAX_PER = 366 * 86400.0
+# Time for an empty bucket to fill again, burst / (rate / per): it is the Redis key's TTL and
+# the longest Retry-After. Ten years (3.2e11 ms) keeps the TTL a plain integer where Redis's
+# Lua turns numbers into text (14 significant digits: 1e14 ms and more would be sent to PX as
+# "1e+14", which Redis refuses) and Retry-After a reasonable integer.
+MAX_TIME_TO_FULL = 10 * 365 * 86400.0
+# A request's cost, in tokens (whole numbers: "one request" is the unit).
+MAX_COST = 1_000_000
+# Sizes: every limit of a request is one key in its single EVALSHA; plans and model rules are
+# matched per request (memoized), so keep them to what a person writes by hand.
+MAX_LIMITS_PER_REQUEST = 16
+MAX_PLANS = 1000
+MAX_MODEL_RULES = 1000
+EMBEDDED = "<embedded default quota>"
+
+
+def load_quota(path: str | Path | None, *, referrer: tuple[str, str] | None = None) -> Quota:
+    """Load a quota file; None loads the embedded default (authz/quota/default.yaml).
+
+    `referrer`: (config file, key) that names this file, so "cannot read" says where it came
+    from (e.g. config.yaml: quota_file: cannot read /etc/authz/quota.yaml: No such file)."""
     if path is None:
         text = resources.files("authz.quota").joinpath("default.yaml").read_text("utf-8")
-        return parse_quota(parse_yaml(text, "<embedded default quota>"), "<embedded default quota>")
-    return parse_quota(load_yaml(path), str(path))
+        return parse_quota(parse_yaml(text, EMBEDDED), EMBEDDED)
+    if referrer is not None:
+        text = read_text(path, file=referrer[0], key=referrer[1])
+    else:
+        text = read_text(path)
+    return parse_quota(parse_yaml(text, str(path)), str(path))
 
 
 def parse_quota(data: Any, file: str) -> Quota:
+    """Every key checked; all problems raised together (`ConfigErrors`)."""
+    if data is None or data == {}:
+        # A ConfigMap that mounts empty must not become "everyone is blocked".
+        raise ConfigError(file, "", "the quota file is empty (or only comments): it must "
+                          "define plans and default_plan")
     root = Node.root(file, data)
+    problems = root.problems
     plan_claim = root.text("plan_claim", "plan", allow_empty=False)
     plans: dict[str, Plan] = {UNLIMITED: Plan(UNLIMITED, unlimited=True),
                               BLOCKED: Plan(BLOCKED, blocked=True)}
     plans_node = root.section("plans")
-    for name in plans_node.data:
+    if len(plans_node.data) > MAX_PLANS:
+        root.report("plans", f"more than {MAX_PLANS} plans")
+    named = set(BUILTIN_PLANS)
+    for name in list(plans_node.data)[:MAX_PLANS]:
         key = plans_node.key(str(name))
         if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(file, key, "plan names are letters, digits, '_', '.', '-' (<= 64)")
+            problems.add(ConfigError(file, key, "plan names are letters, digits, '_', '.', '-' "
+                                     "(<= 64)"))
+            continue
         if name in BUILTIN_PLANS:
-            raise ConfigError(file, key, f"{name!r} is a built-in plan and cannot be redefined")
-        plans[name] = _plan(plans_node.child(key, plans_node.raw(name) or {}), name)
-    default_plan = root.text("default_plan", allow_empty=False) if plans_node.data else \
-        root.text("default_plan", BLOCKED)
-    if default_plan not in plans:
-        raise root.error("default_plan", f"plan {default_plan!r} is not defined under plans "
-                         f"(defined: {', '.join(sorted(plans))})")
+            problems.add(ConfigError(file, key, f"{name!r} is a built-in plan and cannot be "
+                                     "redefined"))
+            continue
+        named.add(name)
+        with problems.part():
+            plans[name] = _plan(plans_node.child(key, plans_node.raw(name) or {}), name)
+    default_plan = BLOCKED
+    with problems.part():
+        default_plan = (root.text("default_plan", allow_empty=False) if plans_node.data else
+                        root.text("default_plan", BLOCKED))
+        if default_plan not in named:
+            root.report("default_plan", f"plan {default_plan!r} is not defined under plans "
+                        f"(defined: {', '.join(sorted(named))})")
     overrides: dict[tuple[str, str], str] = {}
     for path, raw in root.items("overrides"):
-        n = root.child(path, raw)
-        issuer = n.text("issuer", allow_empty=False)
-        subject = n.text("subject", allow_empty=False)
-        plan = n.text("plan", allow_empty=False)
-        n.done()
-        if plan not in plans:
-            defined = ", ".join(sorted(plans))
-            raise n.error("plan", f"plan {plan!r} is not defined (defined: {defined})")
-        if (issuer, subject) in overrides:
-            raise n.error("subject", f"{subject!r} of {issuer!r} is overridden twice")
-        overrides[(issuer, subject)] = plan
+        with problems.part():
+            n = root.child(path, raw)
+            issuer = n.text("issuer", allow_empty=False)
+            subject = n.text("subject", allow_empty=False)
+            plan = n.text("plan", allow_empty=False)
+            n.done()
+            if plan not in named:
+                defined = ", ".join(sorted(named))
+                n.report("plan", f"plan {plan!r} is not defined (defined: {defined})")
+            if (issuer, subject) in overrides:
+                n.report("subject", f"{subject!r} of {issuer!r} is overridden twice")
+            overrides[(issuer, subject)] = plan
     root.done()
+    problems.raise_if_any()
     return Quota(plan_claim=plan_claim, default_plan=default_plan, plans=plans,
                  overrides=overrides)
 
@@ -67,58 +116,83 @@ def _plan(n: Node, name: str) -> Plan:
     if n.has("models"):
         models_node = n.section("models")
         rules = []
-        for pattern in models_node.data:
+        if len(models_node.data) > MAX_MODEL_RULES:
+            n.report("models", f"more than {MAX_MODEL_RULES} model rules")
+        for pattern in list(models_node.data)[:MAX_MODEL_RULES]:
             key = models_node.key(str(pattern))
             if not isinstance(pattern, str) or not _PATTERN.match(pattern):
-                raise ConfigError(n.file, key, "expected a model name or glob pattern "
-                                  "(letters, digits, '_', '.', '-', '*', '?', '[]')")
-            rn = models_node.child(key, models_node.raw(pattern) or {})
-            cost = rn.integer("cost", 1, minimum=1, maximum=1_000_000)
-            rule = ModelRule(pattern=pattern, cost=cost, limits=_limits(rn, "limits"))
-            rn.done()
-            for limit in (*limits, *rule.limits):
-                if cost > limit.burst:
-                    raise rn.error("cost", f"cost {cost} exceeds the burst {limit.burst:g} of "
-                                   f"limit {limit.name!r}: such a request could never pass")
-            rules.append(rule)
+                n.problems.add(ConfigError(n.file, key, "expected a model name or glob pattern "
+                                           "(letters, digits, '_', '.', '-', '*', '?', '[]')"))
+                continue
+            with n.problems.part():
+                rn = models_node.child(key, models_node.raw(pattern) or {})
+                cost = rn.integer("cost", 1, minimum=1, maximum=MAX_COST)
+                rule = ModelRule(pattern=pattern, cost=cost, limits=_limits(rn, "limits"))
+                rn.done()
+                every = (*limits, *rule.limits)
+                if len(every) > MAX_LIMITS_PER_REQUEST:
+                    rn.report("limits", f"{len(every)} limits apply to this model; at most "
+                              f"{MAX_LIMITS_PER_REQUEST} (each is a key of the request's one "
+                              "Redis call)")
+                for limit in every:
+                    if cost > limit.burst:
+                        rn.report("cost", f"cost {cost} exceeds the burst {limit.burst:g} of "
+                                  f"limit {limit.name!r}: such a request could never pass")
+                        break
+                rules.append(rule)
         models = tuple(rules)
-        if not rules:
-            raise n.error("models", "is empty: no model would be allowed (use the built-in "
-                          "'blocked' plan for that)")
+        if not models_node.data:
+            n.report("models", "is empty: no model would be allowed (use the built-in "
+                     "'blocked' plan for that)")
     n.done()
+    if len(limits) > MAX_LIMITS_PER_REQUEST:
+        n.report("limits", f"{len(limits)} limits; at most {MAX_LIMITS_PER_REQUEST} (each is a "
+                 "key of the request's one Redis call)")
     # A plan that charges nothing is unlimited; that must be said explicitly (the built-in
     # `unlimited` plan), never the accident of a forgotten or mis-indented `limits:`.
-    if not limits:
+    if not limits and not n.failed:
         if models is None:
-            raise n.error("limits", "at least one limit is required (assign the built-in "
-                          "'unlimited' plan for no limits)")
-        for rule in models:
+            n.report("limits", "at least one limit is required (assign the built-in "
+                     "'unlimited' plan for no limits)")
+        for rule in models or ():
             if not rule.limits:
-                raise ConfigError(n.file, n.key(f"models.{rule.pattern}.limits"),
-                                  "no limit applies to this model: give the plan `limits` or "
-                                  "this rule its own (or use the built-in 'unlimited' plan)")
+                n.problems.add(ConfigError(
+                    n.file, n.key(f"models.{rule.pattern}.limits"),
+                    "no limit applies to this model: give the plan `limits` or this rule its "
+                    "own (or use the built-in 'unlimited' plan)"))
     names = [lim.name for lim in limits] + [lim.name for r in models or () for lim in r.limits]
     dupes = {x for x in names if names.count(x) > 1}
     if dupes:
-        raise n.error("limits", f"limit name {sorted(dupes)[0]!r} used twice in plan {name!r} "
-                      "(names key the buckets, so they must be unique within a plan)")
+        n.report("limits", f"limit name {sorted(dupes)[0]!r} used twice in plan {name!r} "
+                 "(names key the buckets, so they must be unique within a plan)")
     return Plan(name=name, limits=limits, models=models)
 
 
 def _limits(n: Node, key: str) -> tuple[Limit, ...]:
     out = []
     for path, raw in n.items(key):
-        ln = n.child(path, raw)
-        name = ln.text("name", allow_empty=False)
-        if not _NAME.match(name):
-            raise ln.error("name", "limit names are letters, digits, '_', '.', '-' (<= 64)")
-        count = ln.number("rate")
-        per = ln.duration("per", 1.0)
-        burst = ln.number("burst", count)
-        ln.done()
-        if not count / per > 0:
-            raise ln.error("per", f"rate {count:g} per {per:g}s rounds to no refill at all")
-        if burst < 1:
-            raise ln.error("burst", f"expected >= 1 (a bucket holds one request), got {burst:g}")
-        out.append(Limit(name=name, rate=count / per, burst=burst, count=count, per=per))
+        with n.problems.part():
+            ln = n.child(path, raw)
+            name = ln.text("name", allow_empty=False)
+            if not _NAME.match(name):
+                ln.report("name", "limit names are letters, digits, '_', '.', '-' (<= 64)")
+            count = ln.number("rate", maximum=MAX_TOKENS)
+            per = ln.duration("per", 1.0, minimum=MIN_PER, maximum=MAX_PER)
+            burst = ln.number("burst", min(count, MAX_TOKENS), maximum=MAX_TOKENS)
+            ln.done()
+            if ln.failed:
+                continue
+            rate = count / per
+            if not rate > 0:
+                ln.report("per", f"rate {count:g} per {per:g}s rounds to no refill at all")
+                continue
+            if burst < 1:
+                ln.report("burst", f"expected >= 1 (a bucket holds one request), got {burst:g}")
+                continue
+            if burst / rate > MAX_TIME_TO_FULL:
+                ln.report("rate", f"an empty bucket would take {burst / rate:.3g} s to refill "
+                          f"(burst {burst:g} at {count:g} per {per:g}s); at most 10 years "
+                          f"({MAX_TIME_TO_FULL:g} s): raise rate or lower burst")
+                continue
+            out.append(Limit(name=name, rate=rate, burst=burst, count=count, per=per))
     return tuple(out)

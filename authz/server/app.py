@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import os
 import signal
@@ -28,10 +29,11 @@ from ..buckets.deny_cache import DenyCache
 from ..buckets.memory import MemoryBucketStore
 from ..buckets.observed import ObservedStore
 from ..config.errors import ConfigError
+from ..config.reader import MAX_FILE_BYTES, decode_text, parse_yaml, read_text
 from ..config.settings import Settings
 from ..decision import DecisionMaker
 from ..paths import PathClassifier
-from ..quota import load_quota
+from ..quota import parse_quota
 from ..quota.model import Quota
 from ..quota.resolve import Resolver
 from ..tokens.verifier import Authenticator
@@ -99,8 +101,14 @@ class Server:
 
     def __init__(self, settings: Settings, quota: Quota, *,
                  static_issuers: Mapping[str, Any] | None = None,
-                 telemetry: Any = None, store: BucketStore | None = None) -> None:
+                 telemetry: Any = None, store: BucketStore | None = None,
+                 share_port: bool = False) -> None:
+        """`share_port`: bind with SO_REUSEPORT, for the workers of one `--workers N`
+        supervisor (which makes sure nobody else holds the port). Otherwise the port is bound
+        exclusively: a second server on it fails to start instead of silently taking half of
+        the connections."""
         self.settings = settings
+        self.share_port = share_port
         self.telemetry = telemetry
         self.components = build_components(settings, quota, static_issuers=static_issuers,
                                            store=store, telemetry=telemetry)
@@ -109,14 +117,19 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._quota_mtime = _mtime(settings.quota_file)
+        self._reloads: set[asyncio.Task[bool]] = set()
+        self._reload_lock = asyncio.Lock()
+        # sha256 of the quota file's bytes as last read: a change is any change of content,
+        # whatever its mtime says (cp -p, rsync -a and some ConfigMap tools keep the mtime).
+        self._quota_digest: bytes | None = None
 
     async def start(self) -> None:
         s = self.settings.server
         server = grpc.aio.server(options=[
-            # Several worker processes share the port (SO_REUSEPORT); the kernel spreads
-            # connections across them.
-            ("grpc.so_reuseport", 1),
+            # Workers of one supervisor share the port (SO_REUSEPORT; the kernel spreads
+            # connections across them). A lone server binds it exclusively: gRPC's default
+            # SO_REUSEPORT would let a second `authz serve` quietly take half the connections.
+            ("grpc.so_reuseport", 1 if self.share_port else 0),
             # Envoy keeps long-lived HTTP/2 connections to us; answer its keepalive pings.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])
@@ -127,9 +140,12 @@ class Server:
         try:
             self.port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         except RuntimeError as e:
-            raise StartupError(f"cannot listen on {s.host}:{s.grpc_port}: {e}") from None
+            raise StartupError(f"cannot listen on {s.host}:{s.grpc_port} (server.grpc_port "
+                               f"{s.grpc_port}): {e}; is another process using the port?"
+                               ) from None
         if self.port == 0:
-            raise StartupError(f"cannot listen on {s.host}:{s.grpc_port} (address in use?)")
+            raise StartupError(f"cannot listen on {s.host}:{s.grpc_port} (server.grpc_port "
+                               f"{s.grpc_port}): the address is in use by another process")
         self._grpc = server
         await server.start()
         # "liveness": the process is up and answering, whatever its keys and store are doing
@@ -145,37 +161,70 @@ class Server:
         except StoreError as e:
             raise StartupError(f"cannot use the bucket store: {e}") from None
         await self._wait_ready()
+        if self.settings.quota_file:
+            self._quota_digest = await asyncio.to_thread(_digest, self.settings.quota_file)
         if self.settings.quota_file and self.settings.quota_reload_interval > 0:
             self._tasks.append(asyncio.create_task(self._watch_quota()))
 
-    def reload_quota(self) -> bool:
-        """Re-read the quota file; on any error keep the current quota. Returns success."""
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the quota file in the background (never on the signal's stack)."""
+        task = asyncio.get_running_loop().create_task(self.reload_quota(),
+                                                      name="quota-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload_quota(self) -> bool:
+        """Re-read the quota file; on any error keep the current quota. Returns success.
+
+        Reading, parsing and validating run in a worker thread: a large or pathological file
+        (up to the reader's 1 MiB bound) must not stall the decisions in flight. Every failure,
+        whatever it is, is logged once, counted and leaves the current quota in place."""
         path = self.settings.quota_file
         if path is None:
             return False
-        self._quota_mtime = _mtime(path)
-        try:
-            quota = load_quota(path)
-        except ConfigError as e:
-            log.error("quota reload failed; keeping the current quota: %s", e)
-            if self.telemetry is not None:
-                self.telemetry.config_reloaded(False)
-            return False
-        # One assignment: a decision in flight keeps the resolver it started with.
-        self.components.decider.resolver = Resolver(quota)
-        # Locally cached refusals were computed under the old limits.
-        if isinstance(self.components.store, DenyCache):
-            self.components.store.clear()
-        log.info("quota reloaded", extra={"quota_file": path, "plans": len(quota.plans)})
+        async with self._reload_lock:
+            try:
+                data = await asyncio.to_thread(_read_raw, path)
+                # Remembered even when the file is refused: the same bad content is reported
+                # once, not at every poll.
+                self._quota_digest = hashlib.sha256(data).digest() if data is not None else None
+                quota = await asyncio.to_thread(_parse_quota, data, path)
+            except ConfigError as e:
+                log.error("quota reload failed; keeping the current quota: %s", e)
+                self._reload_done(False)
+                return False
+            except Exception as e:  # a bug: never let it take the watcher or the loop down
+                log.error("quota reload failed; keeping the current quota: %s: %s",
+                          type(e).__name__, e, exc_info=e)
+                self._reload_done(False)
+                return False
+            # One assignment: a decision in flight keeps the resolver it started with.
+            self.components.decider.resolver = Resolver(quota)
+            # Locally cached refusals were computed under the old limits.
+            if isinstance(self.components.store, DenyCache):
+                self.components.store.clear()
+            log.info("quota reloaded", extra={"quota_file": path, "plans": len(quota.plans)})
+            self._reload_done(True)
+            return True
+
+    def _reload_done(self, ok: bool) -> None:
         if self.telemetry is not None:
-            self.telemetry.config_reloaded(True)
-        return True
+            try:
+                self.telemetry.config_reloaded(ok)
+            except Exception:
+                log.exception("counting the quota reload failed")
 
     async def _watch_quota(self) -> None:
+        path = self.settings.quota_file
+        assert path is not None
         while not self._stopping.is_set():
             await asyncio.sleep(self.settings.quota_reload_interval)
-            if _mtime(self.settings.quota_file) != self._quota_mtime:
-                self.reload_quota()
+            try:
+                digest = await asyncio.to_thread(_digest, path)
+                if digest != self._quota_digest:
+                    await self.reload_quota()
+            except Exception:  # the watcher outlives anything one round can throw
+                log.exception("quota file watcher: checking %s failed", path)
 
     async def _wait_ready(self) -> None:
         """Checks are answered once the keys are loaded; health turns SERVING once the store
@@ -217,7 +266,7 @@ class Server:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        for task in self._tasks:
+        for task in (*self._tasks, *self._reloads):
             task.cancel()
         s = self.settings.server
         await self.health.enter_graceful_shutdown()
@@ -261,8 +310,9 @@ async def serve(settings: Settings, quota: Quota, *,
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    server = Server(settings, quota, static_issuers=static_issuers, telemetry=telemetry)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_quota)
+    server = Server(settings, quota, static_issuers=static_issuers, telemetry=telemetry,
+                    share_port="AUTHZ_WORKER_INDEX" in os.environ)
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
     if "AUTHZ_WORKER_INDEX" in os.environ:
         server._tasks.append(asyncio.create_task(_exit_when_orphaned(stop)))
     try:
@@ -303,10 +353,21 @@ async def _exit_when_orphaned(stop: asyncio.Event) -> None:
             return
 
 
-def _mtime(path: str | None) -> float | None:
-    if path is None:
-        return None
+def _read_raw(path: str) -> bytes | None:
+    """The file's bytes (at most MAX_FILE_BYTES + 1), None when it cannot be read."""
     try:
-        return os.stat(path).st_mtime
+        with open(path, "rb") as f:
+            return f.read(MAX_FILE_BYTES + 1)
     except OSError:
         return None
+
+
+def _parse_quota(data: bytes | None, path: str) -> Quota:
+    text = read_text(path) if data is None else decode_text(data, path)  # None: says why
+    return parse_quota(parse_yaml(text, path), path)
+
+
+def _digest(path: str) -> bytes | None:
+    """sha256 of the file's content, None when it cannot be read."""
+    data = _read_raw(path)
+    return hashlib.sha256(data).digest() if data is not None else None

@@ -17,6 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
 from ..buckets.base import BucketStore, StoreError
 from ..decision import Decision, DecisionMaker
+from ..log_throttle import ThrottledLog
 from ..paths import PathClassifier, PathKind
 from ..quota.resolve import Refusal, Resolver
 from ..tokens.base import TokenFailure
@@ -59,6 +60,7 @@ class Decider:
         self.resolver = resolver
         self.store = store
         self.readiness = readiness
+        self._store_failed = ThrottledLog(log, logging.WARNING, "bucket store failed")
 
     async def decide(self, request: pb.CheckRequest) -> tuple[Decision, str | None]:
         """The decision and the verified subject (for telemetry), never raising."""
@@ -96,7 +98,7 @@ class Decider:
         try:
             result = await self.store.charge(grant.buckets, grant.cost)
         except StoreError as e:
-            log.warning("bucket store failed: %s", e)
+            self._store_failed(str(e))
             return maker.store_failed(identity, grant, cache_hit), identity.subject
         return maker.charged(identity, grant, result, cache_hit), identity.subject
 
@@ -111,6 +113,12 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                   *(maker.unauthenticated(f) for f in TokenFailure)):
             self.responses.prebuild(d)
         self._internal = to_check_response(maker.internal_error())
+        status = maker.internal_error().status
+        self._decide_failed = ThrottledLog(
+            log, logging.ERROR, f"internal error while deciding (answered {status})")
+        self._respond_failed = ThrottledLog(log, logging.ERROR,
+                                            "internal error while building the response")
+        self._telemetry_failed = ThrottledLog(log, logging.ERROR, "telemetry failed")
 
     async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
         telemetry = self.telemetry
@@ -125,22 +133,21 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             decision, response = self._respond((decision, subject))
             try:
                 telemetry.finish_check(scope, decision, subject, path=http.path)
-            except Exception:
-                log.exception("telemetry failed")
+            except Exception as e:
+                self._telemetry_failed(repr(e), exc_info=e)
         return response
 
     async def _decide(self, request: pb.CheckRequest) -> tuple[Decision, str | None]:
         try:
             return await self.decider.decide(request)
-        except Exception:
-            log.exception("internal error while deciding; answering %s",
-                          self.decider.maker.internal_error().status)
+        except Exception as e:
+            self._decide_failed(repr(e), exc_info=e)
             return self.decider.maker.internal_error(), None
 
     def _respond(self, decided: tuple[Decision, str | None]) -> tuple[Decision, pb.CheckResponse]:
         decision = decided[0]
         try:
             return decision, self.responses.get(decision)
-        except Exception:
-            log.exception("internal error while building the response")
+        except Exception as e:
+            self._respond_failed(repr(e), exc_info=e)
             return self.decider.maker.internal_error(), self._internal

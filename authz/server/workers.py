@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,48 @@ log = logging.getLogger(__name__)
 EXIT_STARTUP = 2
 # A worker that keeps dying is restarted at most this often, so a crash loop does not spin.
 _RESTART_BACKOFF_S = 1.0
+
+
+class PortTaken(Exception):
+    """The gRPC port is in use by another process; the message names it."""
+
+
+def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
+    """Claim `host:port` for this supervisor's workers: (the port, a claim to keep open).
+
+    The workers bind with SO_REUSEPORT so the kernel spreads connections across them; any
+    other process of the same user that also asks for SO_REUSEPORT could then join them and
+    take a share of the connections. So first: (1) an abstract-namespace unix socket named
+    after the port, which only one supervisor can hold and which goes away with it (even on
+    SIGKILL); (2) a bind of the port without SO_REUSEPORT, which fails if anyone listens there
+    (a lone `authz serve`, or another program). Port 0 becomes a free port, passed to every
+    worker. Raises PortTaken.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except OSError as e:
+        raise PortTaken(f"cannot listen on {host}:{port}: {e}") from None
+    probe = socket.socket(family, kind, proto)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        port = probe.getsockname()[1]
+    except OSError as e:
+        raise PortTaken(f"cannot listen on {host}:{port} (server.grpc_port {port}): "
+                        f"{e.strerror or e}; is another process using the port?") from None
+    finally:
+        probe.close()
+    claim: socket.socket | None = None
+    if hasattr(socket, "AF_UNIX") and sys.platform.startswith("linux"):
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            claim.bind(f"\0authz-grpc-port-{port}")
+        except OSError:
+            claim.close()
+            raise PortTaken(f"cannot listen on {host}:{port} (server.grpc_port {port}): "
+                            "another `authz serve --workers` supervisor holds it") from None
+    return port, claim
 
 
 def supervise(worker_argv: Sequence[str], workers: int, *, grace_s: float,

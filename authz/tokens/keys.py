@@ -308,18 +308,26 @@ class FileKeySource(KeySource):
         self._pem = pem
 
     async def load(self) -> None:
-        try:
-            data = await asyncio.to_thread(self._path.read_bytes)
-        except OSError as exc:
-            raise KeySourceError(f"{self.origin}: cannot read ({exc.strerror})") from None
-        if self._pem:
-            self.keys = parse_pem(data, self.origin)
-            return
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError) as exc:
-            raise KeySourceError(f"{self.origin}: not JSON ({exc})") from None
-        self.keys = parse_jwks(doc, self.origin)
+        self.keys = await asyncio.to_thread(read_key_file, self._path, self.origin,
+                                            pem=self._pem)
+
+
+def read_key_file(path: str | Path, origin: str, *, pem: bool) -> KeySet:
+    """The keys of a local JWKS or PEM file. Raises KeySourceError naming `origin`."""
+    try:
+        with Path(path).open("rb") as f:
+            data = f.read(_MAX_JWKS_BYTES + 1)
+    except OSError as exc:
+        raise KeySourceError(f"{origin}: cannot read ({exc.strerror})") from None
+    if len(data) > _MAX_JWKS_BYTES:
+        raise KeySourceError(f"{origin}: larger than {_MAX_JWKS_BYTES} bytes")
+    if pem:
+        return parse_pem(data, origin)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise KeySourceError(f"{origin}: not JSON ({exc})") from None
+    return parse_jwks(doc, origin)
 
 
 class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):

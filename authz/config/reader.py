@@ -97,6 +97,8 @@ def parse_yaml(text: str, file: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
+        if "nesting depth" in problem:  # libyaml's own bound (1000 levels)
+            problem = f"nested deeper than {MAX_DEPTH} levels"
         raise ConfigError(file, "", f"invalid YAML: {where}{problem}") from None
     except RecursionError:  # the pure-Python parser, before our depth check could run
         raise ConfigError(file, "", f"invalid YAML: nested deeper than {MAX_DEPTH} levels") \
@@ -242,10 +244,13 @@ class Node:
             return float(self._bad(name, f"expected a number >= 0, got {_short(value)}", default))
         if (minimum is not None and number < minimum) or (maximum is not None
                                                           and number > maximum):
-            low = f"{minimum:g}" if minimum is not None else ("0" if not positive else "> 0")
-            high = f"{maximum:g}" if maximum is not None else "any"
-            return float(self._bad(name, f"expected a number between {low} and {high}, got "
-                                   f"{_short(value)}", default))
+            if maximum is None:
+                want = f"a number >= {minimum:g}"
+            elif minimum is None:
+                want = f"a number {'> 0' if positive else '>= 0'} and <= {maximum:g}"
+            else:
+                want = f"a number between {minimum:g} and {maximum:g}"
+            return float(self._bad(name, f"expected {want}, got {_short(value)}", default))
         return number
 
     def duration(
@@ -273,11 +278,15 @@ class Node:
             return 0.0
         if (minimum is not None and seconds < minimum) or (maximum is not None
                                                            and seconds > maximum):
-            low = format_duration(minimum) if minimum is not None else "0"
-            high = format_duration(maximum) if maximum is not None else "any"
             zero = " (or 0 to turn it off)" if allow_zero else ""
-            return float(self._bad(name, f"expected a duration between {low} and {high}{zero}, "
-                                   f"got {_short(value)}", default))
+            if maximum is None:
+                assert minimum is not None
+                want = f"of at least {format_duration(minimum)}"
+            else:
+                low = format_duration(minimum) if minimum is not None else "0"
+                want = f"between {low} and {format_duration(maximum)}"
+            return float(self._bad(name, f"expected a duration {want}{zero}, got "
+                                   f"{_short(value)}", default))
         return seconds
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:

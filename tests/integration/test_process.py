@@ -5,100 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import yaml
-from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.authz_process import Proc, check_request, run, write_config
+from tests.support.authz_process import children as child_pids
 from tests.support.issuer import TestIssuer
 from tests.support.redis_server import free_port
-
-AUTHZ = [sys.executable, "-m", "authz"]
-
-
-def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AUTHZ, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)
-
-
-def write_config(tmp_path: Path, issuer: TestIssuer, **sections: Any) -> Path:
-    cfg: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": 0,
-                   "workers": 1, "drain_delay": "300ms", "shutdown_grace": "5s"},
-        "auth": {"issuers": [issuer.settings()]},
-    }
-    for k, v in sections.items():
-        cfg.setdefault(k, {}).update(v)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture
-def issuer(tmp_path: Path) -> TestIssuer:
-    return TestIssuer(tmp_path / "idp")
-
-
-class Proc:
-    def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None) -> None:
-        self.port = port
-        self.p = subprocess.Popen([*AUTHZ, *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True,
-                                  env={**os.environ, **(env or {})})
-
-    def wait_serving(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                assert self.p.poll() is None, self.output()
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError("not serving in time:\n" + self.output())
-
-    def output(self) -> str:
-        if self.p.poll() is None:
-            self.p.kill()
-        out, _ = self.p.communicate(timeout=10)
-        return out or ""
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(timeout=10)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
-def check_request(token: str | None, path: str = "/v1/models/m:predict") -> pb.CheckRequest:
-    req = pb.CheckRequest()
-    http = req.attributes.request.http
-    http.path = path
-    http.headers[":path"] = path
-    if token:
-        http.headers["authorization"] = f"Bearer {token}"
-    return req
 
 
 def test_check_config_ok_and_errors(tmp_path: Path, issuer: TestIssuer) -> None:
@@ -292,7 +213,7 @@ def test_two_workers_share_the_port_and_restart(tmp_path: Path, issuer: TestIssu
     os.kill(children[0], signal.SIGKILL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        now = _children(p.p.pid)
+        now = child_pids(p.p.pid)
         if len(now) == 2 and children[0] not in now:
             break
         time.sleep(0.2)
@@ -304,7 +225,7 @@ def test_two_workers_share_the_port_and_restart(tmp_path: Path, issuer: TestIssu
     assert resp.status.code == 0
     p.p.send_signal(signal.SIGTERM)
     assert p.p.wait(timeout=20) == 0
-    assert not _children(p.p.pid)
+    assert not child_pids(p.p.pid)
 
 
 def _start_two_workers(tmp_path: Path, issuer: TestIssuer,
@@ -320,17 +241,9 @@ def _start_two_workers(tmp_path: Path, issuer: TestIssuer,
     p = Proc(["serve", "--config", str(cfg)], port)
     procs.append(p)
     p.wait_serving()
-    children = _children(p.p.pid)
-    assert len(children) == 2
-    return p, port, children
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
+    pids = child_pids(p.p.pid)
+    assert len(pids) == 2
+    return p, port, pids
 
 
 def test_quota_reload_on_sighup_keeps_old_quota_on_error(tmp_path: Path, issuer: TestIssuer,
@@ -458,6 +371,6 @@ def test_sighup_to_the_supervisor_reaches_every_worker(tmp_path: Path, issuer: T
     p.p.send_signal(signal.SIGHUP)
     time.sleep(1.0)
     assert p.p.poll() is None, "the supervisor died of SIGHUP"
-    assert _children(p.p.pid) == children  # the same workers, still running
+    assert child_pids(p.p.pid) == children  # the same workers, still running
     p.p.send_signal(signal.SIGTERM)
     assert p.p.wait(timeout=20) == 0

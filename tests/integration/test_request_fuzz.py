@@ -1,0 +1,152 @@
+"""The request edge, fuzzed: random CheckRequests into the Check handler, on both stores.
+
+Property: whatever the request holds (random header names and values, paths, raw header
+bytes, missing parts, a token that is valid, forged, truncated or garbage), the handler
+returns a CheckResponse with a status the README lists, never raises, never answers 500
+(a 500 is a bug), and never allows a protected path without a valid token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz.config.loader import parse_settings
+from authz.paths import PathClassifier, PathKind
+from authz.quota import parse_quota
+from authz.server.app import build_components
+from authz.server.service import request_headers
+from tests.support.issuer import TestIssuer
+from tests.support.redis_server import RedisServer
+
+QUOTA = {"default_plan": "free", "plans": {"free": {
+    "limits": [{"name": "s", "rate": 1000, "burst": 1000}],
+    "models": {"iris": {}, "llama-*": {"cost": 2}}}}}
+STATUSES = {200, 400, 401, 403, 429, 503}
+
+# Text that protobuf string fields accept (valid UTF-8: no lone surrogates).
+TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=64)
+HEADER_NAMES = st.one_of(
+    st.sampled_from([":path", ":method", ":authority", "authorization", "x-auth-subject",
+                     "traceparent", "b3", "content-length", "x-envoy-auth-partial-body"]),
+    TEXT)
+PATHS = st.one_of(
+    st.sampled_from(["/v1/models/iris:predict", "/v2/models/iris/infer", "/v1/models/llama-7b",
+                     "/health", "/v1//models/iris", "/v1/models/%2e%2e/x", "/v1/models/../x",
+                     "/v1/models/iris?x=1", "/other", "", "v1/models/iris", "/v2/models/a b",
+                     "/v1/models/" + "a" * 5000]),
+    st.builds(lambda p: "/v1/models/" + p, TEXT),
+    TEXT)
+
+
+@st.composite
+def tokens(draw: st.DrawFn, valid: str) -> str | None:
+    kind = draw(st.sampled_from(["valid", "none", "garbage", "truncated", "flipped", "scheme",
+                                 "doubled", "huge"]))
+    if kind == "valid":
+        return f"Bearer {valid}"
+    if kind == "none":
+        return None
+    if kind == "garbage":
+        return draw(TEXT)
+    if kind == "truncated":
+        return f"Bearer {valid[:draw(st.integers(0, len(valid) - 1))]}"
+    if kind == "flipped":
+        i = draw(st.integers(0, len(valid) - 1))
+        c = "A" if valid[i] != "A" else "B"
+        return f"Bearer {valid[:i]}{c}{valid[i + 1:]}"
+    if kind == "scheme":
+        return f"{draw(st.sampled_from(['Basic', 'bearer', 'Bearer  ', 'Token']))} {valid}"
+    if kind == "doubled":
+        return f"Bearer {valid},Bearer {valid}"
+    return "Bearer " + "a" * draw(st.integers(8000, 70000))
+
+
+@st.composite
+def requests(draw: st.DrawFn, valid: str) -> tuple[pb.CheckRequest, str | None, str]:
+    req = pb.CheckRequest()
+    http = req.attributes.request.http
+    path = draw(PATHS)
+    token = draw(tokens(valid))
+    headers: dict[str, str] = dict(draw(st.dictionaries(HEADER_NAMES, TEXT, max_size=8)))
+    headers.pop("authorization", None)
+    if token is not None:
+        headers["authorization"] = token
+    where = draw(st.sampled_from(["both", "path-field", "header-only", "none"]))
+    if where in ("both", "path-field"):
+        http.path = path
+    if where in ("both", "header-only"):
+        headers[":path"] = path
+    if draw(st.booleans()):
+        http.headers.update(headers)
+    else:  # encode_raw_headers: header_map with raw bytes, possibly invalid UTF-8
+        for k, v in headers.items():
+            h = http.header_map.headers.add()
+            h.key = k
+            h.raw_value = v.encode() if draw(st.booleans()) else draw(st.binary(max_size=32))
+    if draw(st.booleans()):
+        http.method = draw(st.sampled_from(["GET", "POST", "", "BREW"]))
+    if draw(st.booleans()):
+        http.body = draw(TEXT)
+    if draw(st.booleans()):
+        req.attributes.request.ClearField("http")
+        path = ""
+    effective = path if where != "none" else ""
+    return req, token, effective
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    issuer = TestIssuer(tmp_path_factory.mktemp("idp"))
+    loop = asyncio.new_event_loop()
+    with RedisServer() as redis:
+        services = {}
+        for name, url in (("memory", ""), ("redis", redis.url)):
+            settings_ = parse_settings({"auth": {"issuers": [issuer.settings()]},
+                                        "store": {"redis_url": url, "timeout": "2s"}}, "test")
+            c = build_components(settings_, parse_quota(QUOTA, "quota"))
+            loop.run_until_complete(c.authenticator.start())
+            loop.run_until_complete(c.store.start())
+            c.readiness.ready = True
+            services[name] = c
+        try:
+            yield {"loop": loop, "services": services, "token": issuer.mint("fuzz"),
+                   "paths": PathClassifier(parse_settings({}, "t").paths)}
+        finally:
+            for c in services.values():
+                loop.run_until_complete(c.store.close())
+                loop.run_until_complete(c.authenticator.close())
+            loop.close()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(data=st.data())
+def test_random_check_requests(world: dict[str, Any], data: st.DataObject) -> None:
+    req, token, _path = data.draw(requests(world["token"]))
+    for name, c in world["services"].items():
+        resp = world["loop"].run_until_complete(c.service.Check(req, None))
+        assert isinstance(resp, pb.CheckResponse)
+        status = 200 if resp.status.code == 0 else resp.denied_response.status.code
+        assert status in STATUSES, (name, status, resp)
+        if status == 200:
+            # the path the handler saw: the path field, else the :path header
+            http = req.attributes.request.http
+            seen = http.path or request_headers(http).get(":path", "")
+            kind = world["paths"].classify(seen).kind if seen else PathKind.INVALID
+            upstream = {h.header.key: h.header.value for h in resp.ok_response.headers}
+            if kind is PathKind.PROTECTED:
+                assert token == f"Bearer {world['token']}", (name, req)
+                assert upstream["x-auth-subject"] == "fuzz"
+            else:
+                assert kind is PathKind.PUBLIC, (name, seen)
+                assert "x-auth-subject" not in upstream
+        else:
+            assert resp.denied_response.body  # every deny explains itself

@@ -37,21 +37,29 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(self, *, password: str | None = None, port: int | None = None,
-                 tls: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+                 tls: bool = False, extra_args: tuple[str, ...] = (),
+                 config: str | None = None, sentinel: bool = False,
+                 certificates: Path | None = None) -> None:
         """`tls`: serve TLS only (rediss://), with a throwaway CA whose certificate is at
-        `ca_file`; the server certificate names 127.0.0.1 and localhost."""
+        `ca_file`; the server certificate names 127.0.0.1 and localhost (`certificates`: a
+        directory already holding them, shared by the nodes of one topology).
+        `config`: text of a config file given first on the command line (a sentinel rewrites
+        its own); `sentinel`: run as a sentinel (`redis-server FILE --sentinel`)."""
         self.password = password
         self.tls = tls
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.config = config
+        self.sentinel = sentinel
         self.dir = Path(tempfile.mkdtemp(prefix="authz-redis-"))
+        self._certificates = certificates
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
 
     # -- addresses -------------------------------------------------------------------------
     @property
     def ca_file(self) -> Path:
-        return self.dir / "ca.pem"
+        return (self._certificates or self.dir) / "ca.pem"
 
     @property
     def url(self) -> str:
@@ -84,8 +92,16 @@ class RedisServer:
         if self.running:
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
+        head = [REDIS_SERVER]
+        if self.config is not None:
+            conf = self.dir / "redis.conf"
+            if not conf.exists():  # a restart keeps what the server rewrote
+                conf.write_text(self.config)
+            head.append(str(conf))
+            if self.sentinel:
+                head.append("--sentinel")
         args = [
-            REDIS_SERVER,
+            *head,
             *(self._tls_args() if self.tls else ["--port", str(self.port)]),
             "--bind", "127.0.0.1",
             "--unixsocket", str(self.unix_socket),
@@ -109,10 +125,12 @@ class RedisServer:
         return self
 
     def _tls_args(self) -> list[str]:
-        _write_certificates(self.dir)
+        certs = self._certificates or self.dir
+        if not (certs / "ca.pem").exists():
+            write_certificates(certs)
         return ["--port", "0", "--tls-port", str(self.port),
-                "--tls-cert-file", str(self.dir / "server.pem"),
-                "--tls-key-file", str(self.dir / "server.key"),
+                "--tls-cert-file", str(certs / "server.pem"),
+                "--tls-key-file", str(certs / "server.key"),
                 "--tls-ca-cert-file", str(self.ca_file),
                 "--tls-auth-clients", "no"]
 
@@ -132,6 +150,15 @@ class RedisServer:
             time.sleep(0.01)
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING within "
                            f"{_START_TIMEOUT} s ({last_error}): {self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL, keeping the directory (a crash: for failover tests)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if self._paused:
+                self.resume(proc)
+            proc.kill()
+            proc.wait(_STOP_TIMEOUT)
 
     def stop(self) -> None:
         """Stop the process and remove its directory (persistence is off). Idempotent."""
@@ -187,7 +214,7 @@ class RedisServer:
         self.stop()
 
 
-def _write_certificates(directory: Path) -> None:
+def write_certificates(directory: Path) -> None:
     """A throwaway CA (ca.pem) and a server certificate it signed (server.pem/.key)."""
     import datetime
     import ipaddress

@@ -151,7 +151,7 @@ async def main(decisions: int, rounds: int) -> None:
         for _ in range(rounds):  # interleaved rounds: drift hits every variant alike
             for label, fn in variants:
                 for workers in (1, 64):
-                    cpu, rate = await measure(decisions, workers, fn)
+                    cpu, _rate = await measure(decisions, workers, fn)
                     results.setdefault((label, workers), []).append(cpu)
         print(f"client CPU per decision (us), median of {rounds} interleaved rounds, "
               f"{decisions} decisions each")

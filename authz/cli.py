@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config.errors import ConfigError
 from .config.settings import Settings
+from .errors import EXIT_STARTUP, AuthzError, ConfigError
 
 log = logging.getLogger("authz")
 
@@ -52,17 +52,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--http-port", type=int, default=8080, help="Envoy's listener port")
 
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "check-config":
-        return _check_config(args.file)
-    if args.command == "check":
-        return _check(args)
-    if args.command == "demo":
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "check-config":
+            return _check_config(args.file)
+        if args.command == "check":
+            return _check(args)
         from .demo.run import run_demo
 
         return int(run_demo(redis_url=args.redis_url, http_port=args.http_port))
-    return 2
+    except AuthzError as e:
+        # The one place errors raised on purpose become a message and an exit status; anything
+        # else is a bug and keeps its traceback.
+        prefix = "configuration error: " if isinstance(e, ConfigError) and \
+            args.command == "serve" else ""
+        for line in str(e).splitlines():
+            print(f"authz: {prefix}{line}", file=sys.stderr)
+        return 1 if args.command == "check-config" else EXIT_STARTUP
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -72,7 +79,6 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server.workers import EXIT_STARTUP
     from .service_config import load_service_config
 
     changes: dict[str, Any] = {}
@@ -82,12 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
         changes["metrics_port"] = args.metrics_port
     if args.workers is not None:
         changes["workers"] = args.workers
-    try:
-        loaded = load_service_config(args.config, env=os.environ, dev=args.dev, server=changes)
-    except ConfigError as e:
-        for line in str(e).splitlines():
-            print(f"authz: configuration error: {line}", file=sys.stderr)
-        return EXIT_STARTUP
+    loaded = load_service_config(args.config, env=os.environ, dev=args.dev, server=changes)
     settings, quota = loaded.settings, loaded.quota
     server = settings.server
     _configure_logging(settings)
@@ -117,15 +118,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _supervise(worker_argv: list[str], workers: int, settings: Settings) -> int:
     """Run the workers; the supervisor serves their merged metrics on the one metrics port
     (each worker serves its own on loopback, metrics_port + 1 + i)."""
-    from .server.workers import EXIT_STARTUP, PortTaken, reserve_port, supervise
+    from .server.workers import reserve_port, supervise
     from .telemetry.aggregate import MetricsAggregator, worker_environment, worker_targets
 
     server = settings.server
-    try:
-        port, claim = reserve_port(server.host, server.grpc_port)
-    except PortTaken as e:
-        print(f"authz: {e}", file=sys.stderr)
-        return EXIT_STARTUP
+    port, claim = reserve_port(server.host, server.grpc_port)  # StartupError: port taken
     if port != server.grpc_port:  # 0: one free port, the same for every worker
         worker_argv = [*worker_argv, "--grpc-port", str(port)]
     aggregator = None
@@ -167,7 +164,6 @@ def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
         def on_serving(server: Any) -> None:
             _print_dev_banner(signer, server.port)
 
-    from .server.workers import EXIT_STARTUP
     from .telemetry import Telemetry, TelemetryConfigError, log_effective_config
 
     try:
@@ -221,19 +217,14 @@ def _check_config(file: str) -> int:
     from .quota.model import BUILTIN_PLANS
     from .service_config import load_service_config
 
-    try:
-        data = load_yaml(file)
-        quota_keys = {"plans", "plan_claim", "default_plan", "overrides"}
-        if isinstance(data, dict) and quota_keys & set(data):
-            quota = parse_quota(data, file)
-            print(f"{file}: OK (quota: {_plan_count(quota, BUILTIN_PLANS)}, "
-                  f"{len(quota.overrides)} overrides, default plan {quota.default_plan!r})")
-            return 0
-        loaded = load_service_config(file, env=os.environ)
-    except ConfigError as e:
-        for line in str(e).splitlines():
-            print(f"authz: {line}", file=sys.stderr)
-        return 1
+    data = load_yaml(file)
+    quota_keys = {"plans", "plan_claim", "default_plan", "overrides"}
+    if isinstance(data, dict) and quota_keys & set(data):
+        quota = parse_quota(data, file)
+        print(f"{file}: OK (quota: {_plan_count(quota, BUILTIN_PLANS)}, "
+              f"{len(quota.overrides)} overrides, default plan {quota.default_plan!r})")
+        return 0
+    loaded = load_service_config(file, env=os.environ)
     settings, quota = loaded.settings, loaded.quota
     store = "redis" if settings.store.redis_url else "in-memory"
     print(f"{file}: OK (config: {len(settings.auth.issuers)} issuers, store {store}, "

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config.errors import ConfigError, Problems
 from .config.loader import load_settings
+from .config.problems import Problems
 from .config.settings import Settings
+from .errors import ConfigError, KeySourceError
 from .quota import load_quota
 from .quota.model import Quota
-from .tokens.keys import KeySourceError, read_key_file
+from .tokens.keys import read_key_file
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,6 @@ import redis.asyncio as aredis
 from authz.buckets import MemoryBucketStore, RedisBucketStore
 from authz.buckets.base import BucketSpec, BucketState, ChargeResult, StoreError
 from authz.buckets.redis import SCRIPT
-from authz.config.settings import StoreSettings
 from tests.support.redis_server import RedisServer
 
 SPECS = [BucketSpec(f"{{{'ab' * 16}}}:free:per-second", "per-second", 1e9, 1e6),
@@ -115,7 +114,7 @@ async def measure(decisions: int, workers: int, charge: Callable[[], Awaitable[o
 
 async def main(decisions: int, rounds: int) -> None:
     with RedisServer() as server:
-        store = RedisBucketStore(StoreSettings(redis_url=server.url, timeout=1.0))
+        store = RedisBucketStore(server.url, timeout=1.0)
         await store.start()
         client = aredis.Redis.from_url(server.url)
         sha = await client.script_load(SCRIPT)

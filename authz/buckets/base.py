@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import StoreError
 
-class StoreError(Exception):
-    """The store could not answer (unreachable, timed out, protocol error)."""
+__all__ = ["BucketSpec", "BucketState", "BucketStore", "ChargeResult", "StoreError"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from authz.config.settings import StoreSettings
-
 from ._validate import check_charge
 from .base import BucketSpec, BucketState, ChargeResult
 
@@ -37,11 +35,11 @@ class MemoryBucketStore:
 
     def __init__(
         self,
-        settings: StoreSettings | None = None,
+        key_prefix: str = "authz:",
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._prefix = (settings or StoreSettings()).key_prefix
+        self._prefix = key_prefix
         self._clock = clock
         # key -> (tokens after the last admitted charge, time of that charge, forget-after time)
         self._buckets: dict[str, tuple[float, float, float]] = {}

@@ -8,19 +8,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from .base import BucketSpec, BucketStore, ChargeResult, StoreError
+from ..errors import StoreError
+from .base import BucketSpec, BucketStore, ChargeResult
 
 Observer = Callable[[float, bool, str], None]  # (seconds, ok, error_type)
-
-
-def error_type(e: StoreError) -> str:
-    """A bounded label for a store failure (metric label: never the message itself)."""
-    text = str(e).lower()
-    if "did not answer" in text or "timed out" in text or "timeout" in text:
-        return "timeout"
-    if "connect" in text or "lost" in text or "closed" in text:
-        return "connection"
-    return "error"
 
 
 class ObservedStore:
@@ -43,7 +34,7 @@ class ObservedStore:
         try:
             result = await self.inner.charge(buckets, cost)
         except StoreError as e:
-            self._observe(time.perf_counter() - started, False, error_type(e))
+            self._observe(time.perf_counter() - started, False, e.error_type)
             raise
         self._observe(time.perf_counter() - started, True, "")
         return result

@@ -23,7 +23,7 @@ The raw protocol is driven here (hiredis reader on an asyncio transport) rather 
 redis-py's connection: its `send_packed_command` awaits a drain per write, and its
 `disconnect` closes the transport gracefully, which waits forever for the send buffer to
 drain when Redis is stopped (SIGSTOP) -- exactly the connection that must be aborted.
-redis-py still parses the URL (`redis_url.py`).
+redis-py still parses the URL (`authz/config/redis_url.py`).
 """
 
 from __future__ import annotations
@@ -43,11 +43,16 @@ import hiredis
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode
 
-from authz.config.settings import StoreSettings
-
+from ..config.redis_url import RedisAddress, parse_redis_url
+from ..errors import (
+    InvalidValue,
+    StoreError,
+    StoreProtocolError,
+    StoreTimeout,
+    StoreUnavailable,
+)
 from ._validate import check_charge
-from .base import BucketSpec, BucketState, ChargeResult, StoreError
-from .redis_url import RedisAddress, parse_redis_url
+from .base import BucketSpec, BucketState, ChargeResult
 
 SCRIPT = resources.files(__package__).joinpath("token_bucket.lua").read_bytes()
 SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest().encode()
@@ -154,14 +159,14 @@ class _Link(asyncio.Protocol):
                 if self.closed:  # dropped by a reply handled just before (READONLY, ...)
                     return
                 if not inflight:
-                    raise StoreError("Redis sent a reply nobody asked for")
+                    raise StoreProtocolError("Redis sent a reply nobody asked for")
                 on_reply(self, inflight.popleft(), reply)
         except (hiredis.ProtocolError, StoreError) as e:
-            self.store._drop(self, StoreError(f"Redis protocol error: {e}"))
+            self.store._drop(self, StoreProtocolError(f"Redis protocol error: {e}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {exc}" if exc else ""
-        self.store._drop(self, StoreError(f"connection to Redis lost{reason}"))
+        self.store._drop(self, StoreUnavailable(f"connection to Redis lost{reason}"))
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -178,16 +183,18 @@ class _Link(asyncio.Protocol):
 class RedisBucketStore:
     """`BucketStore` on Redis. Use from one event loop (the one that called `start()`)."""
 
-    def __init__(self, settings: StoreSettings, *,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    def __init__(self, url: str, *, key_prefix: str = "authz:", timeout: float = 0.05,
+                 max_batch: int = 512, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  tracer: trace.Tracer | None = None) -> None:
-        self._settings = settings
+        """`url`: redis://, rediss:// or unix:// (config/redis_url.py); `timeout`: the bound
+        on every charge, in seconds; `max_batch`: charges per pipelined write at most."""
+        self._url = url
         # Starts the "redis.charge" span of each write (Telemetry.tracer: the deferred
         # check-path tracer when tracing is on).
         self.tracer = tracer if tracer is not None else _default_tracer
-        self._prefix = settings.key_prefix
-        self._timeout = settings.timeout
-        self._max_batch = max(1, settings.max_batch)
+        self._prefix = key_prefix
+        self._timeout = timeout
+        self._max_batch = max(1, max_batch)
         self._connect_timeout = connect_timeout
         self._address: RedisAddress | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -208,7 +215,7 @@ class RedisBucketStore:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self, *, wait: bool = False) -> None:
-        """Validate the URL (StoreError if it is unusable) and connect.
+        """Parse the URL (StoreError if it is unusable) and connect.
 
         Redis being unreachable at start is not an error: like an outage later on, charges fail
         with StoreError (so `store.on_error` applies), `ready` stays False, and the connection
@@ -216,7 +223,10 @@ class RedisBucketStore:
         """
         if self._loop is not None:
             return
-        self._address = parse_redis_url(self._settings.redis_url)
+        try:
+            self._address = parse_redis_url(self._url)
+        except InvalidValue as e:  # the store cannot be used at all
+            raise StoreError(str(e)) from None
         self._loop = asyncio.get_running_loop()
         self._closed = False
         try:
@@ -242,8 +252,8 @@ class RedisBucketStore:
                 handle.cancel()
         self._timer = self._flush_handle = None
         if self._link is not None:
-            self._drop(self._link, StoreError(self._down_reason))
-        self._fail_pending(self._down_reason)
+            self._drop(self._link, StoreUnavailable(self._down_reason))
+        self._fail_pending(StoreUnavailable(self._down_reason))
         self._loop = None
 
     @property
@@ -261,7 +271,7 @@ class RedisBucketStore:
         if loop is None or (self._link is None and not self._connecting):
             # Known to be down (between reconnect attempts): answer now, not after a timeout.
             stats.errors += 1
-            raise StoreError(self._down_reason)
+            raise StoreUnavailable(self._down_reason)
         future: asyncio.Future[Any] = loop.create_future()
         call = _Call(self._pack(buckets, cost), future, loop.time() + self._timeout)
         caller = trace.get_current_span()
@@ -374,8 +384,8 @@ class RedisBucketStore:
             if message.startswith(("READONLY", "LOADING", "MASTERDOWN")):
                 # Connected to a replica or a Redis still loading: a new connection may reach
                 # the new primary (DNS/Sentinel/Service switched over).
-                self._drop(link, StoreError(f"Redis answered {message}"))
-            self._fail(call, f"Redis answered an error: {message}")
+                self._drop(link, StoreUnavailable(f"Redis answered {message}"))
+            self._fail(call, StoreProtocolError(f"Redis answered an error: {message}"))
             return
         future = call.future
         if future is not None and not future.done():
@@ -383,10 +393,12 @@ class RedisBucketStore:
         self._finish(call, failed=False)
 
     # -- failures, deadlines ---------------------------------------------------------------
-    def _fail(self, call: _Call, message: str) -> None:
+    def _fail(self, call: _Call, error: StoreError) -> None:
         future = call.future
         if future is not None and not future.done():
-            future.set_exception(StoreError(message))
+            # One exception object per caller (a shared one would collect every caller's
+            # traceback), of the same type: what failed decides the metric label.
+            future.set_exception(type(error)(str(error)))
         self._finish(call, failed=True)
 
     def _finish(self, call: _Call, *, failed: bool) -> None:
@@ -413,13 +425,12 @@ class RedisBucketStore:
             self._down_reason = str(error)
             if self._link_lost is not None and not self._link_lost.done():
                 self._link_lost.set_result(None)
-        message = str(error)
         while link.inflight:
-            self._fail(link.inflight.popleft(), message)
+            self._fail(link.inflight.popleft(), error)
 
-    def _fail_pending(self, message: str) -> None:
+    def _fail_pending(self, error: StoreError) -> None:
         while self._pending:
-            self._fail(self._pending.popleft(), message)
+            self._fail(self._pending.popleft(), error)
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and self._loop is not None:
@@ -443,14 +454,14 @@ class RedisBucketStore:
         link = self._link
         if link is not None and link.inflight and link.inflight[0].deadline <= now:
             self.stats.timeouts += 1
-            self._drop(link, StoreError(
+            self._drop(link, StoreTimeout(
                 f"Redis did not answer within {self._timeout * 1000:g} ms "
                 "(store.timeout); connection dropped"))
         pending = self._pending
         while pending and pending[0].deadline <= now:
-            self._fail(pending.popleft(),
-                       f"Redis unavailable: not connected within {self._timeout * 1000:g} ms "
-                       f"(last error: {self._down_reason})")
+            self._fail(pending.popleft(), StoreUnavailable(
+                f"Redis unavailable: not connected within {self._timeout * 1000:g} ms "
+                f"(last error: {self._down_reason})"))
         self._arm_timer()
 
     # -- connecting ------------------------------------------------------------------------
@@ -469,7 +480,7 @@ class RedisBucketStore:
             except StoreError as e:
                 self._down_reason = str(e)
                 self._connecting = False
-                self._fail_pending(self._down_reason)
+                self._fail_pending(StoreUnavailable(self._down_reason))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
@@ -514,22 +525,23 @@ class RedisBucketStore:
                     raise reply
         except TimeoutError:
             link.abort()
-            raise StoreError(f"Redis at {address.display} did not answer within "
+            raise StoreUnavailable(f"Redis at {address.display} did not answer within "
                              f"{self._connect_timeout:g} s") from None
         except OSError as e:
             link.abort()
-            raise StoreError(f"cannot connect to Redis at {address.display}: {e}") from None
+            raise StoreUnavailable(f"cannot connect to Redis at {address.display}: {e}"
+                                   ) from None
         except StoreError as e:
             link.abort()
-            raise StoreError(f"Redis at {address.display} refused the connection "
-                             f"setup: {e}") from None
+            raise StoreUnavailable(f"Redis at {address.display} refused the connection "
+                                   f"setup: {e}") from None
         except BaseException:  # cancelled (close() during a reconnect): no half-open socket
             link.abort()
             raise
         if replies[-1] != SCRIPT_SHA:
             link.abort()
-            raise StoreError(f"Redis at {address.display} loaded token_bucket.lua as "
-                             f"{replies[-1]!r}, expected {SCRIPT_SHA!r}")
+            raise StoreUnavailable(f"Redis at {address.display} loaded token_bucket.lua as "
+                                   f"{replies[-1]!r}, expected {SCRIPT_SHA!r}")
         self.stats.connects += 1
         return link
 
@@ -545,4 +557,5 @@ def _result(buckets: Sequence[BucketSpec], reply: Any) -> ChargeResult:
             i += 3
         return ChargeResult(reply[0] == 1, tuple(states), float(reply[1]))
     except (TypeError, ValueError, IndexError) as e:
-        raise StoreError(f"unexpected reply from token_bucket.lua: {reply!r:.200}") from e
+        raise StoreProtocolError(f"unexpected reply from token_bucket.lua: {reply!r:.200}"
+                                 ) from e

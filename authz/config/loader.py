@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from ..errors import ConfigError, InvalidValue
+from ..jwa import ASYMMETRIC_ALGORITHMS
 from .reader import Node, load_yaml
+from .redis_url import parse_redis_url
 from .settings import (
-    ASYMMETRIC_ALGORITHMS,
     AuthSettings,
     HeaderSettings,
     IssuerSettings,
@@ -253,13 +254,11 @@ def _store(n: Node) -> StoreSettings:
 
 
 def _check_redis_url(n: Node, key: str, url: str) -> None:
-    # The same parser the Redis store uses, so a URL that passes here also connects there.
-    from ..buckets.base import StoreError
-    from ..buckets.redis_url import parse_redis_url
-
+    # The same parser the Redis store's address comes from, so a URL that passes here also
+    # connects there.
     try:
         parse_redis_url(url)
-    except StoreError as e:
+    except InvalidValue as e:
         n.report(key, f"invalid Redis URL: {e}")
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, Problems
+from ..errors import ConfigError
+from .problems import Problems
 
 # A Kubernetes ConfigMap holds at most 1 MiB, so no mounted config or quota file is larger;
 # parsing 1 MiB takes ~0.7 s with libyaml (measured: 14k overrides), and runs off the event

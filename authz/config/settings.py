@@ -9,11 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-# RFC 7518 asymmetric algorithms. Symmetric (HS*) ones are never a default: a verifier that
-# accepts HS256 can be fooled by a token "signed" with the issuer's *public* key as secret.
-ASYMMETRIC_ALGORITHMS: tuple[str, ...] = (
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
-)
+from ..jwa import ASYMMETRIC_ALGORITHMS
 
 
 @dataclass(frozen=True, slots=True)

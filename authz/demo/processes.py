@@ -23,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..errors import ProcessError
+
 # prctl(PR_SET_PDEATHSIG) (linux/prctl.h): the kernel signals the child when its parent dies.
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
@@ -32,10 +34,6 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 _POLL = 0.05
-
-
-class ProcessError(RuntimeError):
-    """A child did not start (or died); the message carries the end of its log."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -21,9 +21,9 @@ import sys
 from importlib import resources
 from typing import Any, TextIO
 
-from ..config.errors import ConfigError
 from ..config.settings import Settings
-from .processes import EnvoyProcess, ProcessError, WorkDir, free_port
+from ..errors import ConfigError, ProcessError
+from .processes import EnvoyProcess, WorkDir, free_port
 from .upstream import ModelStandIn
 
 DEMO_MODEL = "demo-model"
@@ -119,7 +119,8 @@ def run_demo(
         print(text, file=stream, flush=True)
 
     try:
-        from ..mesh.envoy_binary import EnvoyNotFound, find_envoy
+        from ..errors import EnvoyNotFound
+        from ..mesh.envoy_binary import find_envoy
         from ..mesh.sidecar import SidecarSpec, write
     except ImportError as exc:
         say(f"authz demo: {exc}. Install the demo's extras: pip install -e '.[demo]'")

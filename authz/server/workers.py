@@ -21,15 +21,12 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from ..errors import EXIT_STARTUP, StartupError
+
 log = logging.getLogger(__name__)
 
-EXIT_STARTUP = 2
 # A worker that keeps dying is restarted at most this often, so a crash loop does not spin.
 _RESTART_BACKOFF_S = 1.0
-
-
-class PortTaken(Exception):
-    """The gRPC port is in use by another process; the message names it."""
 
 
 def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
@@ -41,20 +38,20 @@ def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
     after the port, which only one supervisor can hold and which goes away with it (even on
     SIGKILL); (2) a bind of the port without SO_REUSEPORT, which fails if anyone listens there
     (a lone `authz serve`, or another program). Port 0 becomes a free port, passed to every
-    worker. Raises PortTaken.
+    worker. Raises StartupError.
     """
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except OSError as e:
-        raise PortTaken(f"cannot listen on {host}:{port}: {e}") from None
+        raise StartupError(f"cannot listen on {host}:{port}: {e}") from None
     probe = socket.socket(family, kind, proto)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(address)
         port = probe.getsockname()[1]
     except OSError as e:
-        raise PortTaken(f"cannot listen on {host}:{port} (server.grpc_port {port}): "
+        raise StartupError(f"cannot listen on {host}:{port} (server.grpc_port {port}): "
                         f"{e.strerror or e}; is another process using the port?") from None
     finally:
         probe.close()
@@ -65,7 +62,7 @@ def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
             claim.bind(f"\0authz-grpc-port-{port}")
         except OSError:
             claim.close()
-            raise PortTaken(f"cannot listen on {host}:{port} (server.grpc_port {port}): "
+            raise StartupError(f"cannot listen on {host}:{port} (server.grpc_port {port}): "
                             "another `authz serve --workers` supervisor holds it") from None
     return port, claim
 

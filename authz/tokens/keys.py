@@ -35,7 +35,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from authz.config.settings import ASYMMETRIC_ALGORITHMS
+from authz.errors import KeySourceError
+from authz.jwa import ASYMMETRIC_ALGORITHMS
 
 logger = logging.getLogger(__name__)
 # A no-op tracer until authz.telemetry installs a TracerProvider.
@@ -57,10 +58,6 @@ _MAX_JWKS_BYTES = 1 << 20
 # restarting or DNS settling takes seconds), doubling, capped at 30 s and at the refresh period.
 _RETRY_FIRST = 1.0
 _RETRY_MAX = 30.0
-
-
-class KeySourceError(Exception):
-    """Keys could not be loaded; the message names the issuer and the file or URL."""
 
 
 @dataclass(frozen=True, slots=True)

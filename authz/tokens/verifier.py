@@ -34,7 +34,9 @@ from typing import Any
 import jwt
 from jwt.types import Options
 
-from authz.config.settings import ASYMMETRIC_ALGORITHMS, AuthSettings, IssuerSettings
+from authz.config.settings import AuthSettings, IssuerSettings
+from authz.errors import ConfigError, KeySourceError
+from authz.jwa import ASYMMETRIC_ALGORITHMS
 from authz.tokens.base import Identity, TokenFailure
 from authz.tokens.keys import (
     AMBIGUOUS,
@@ -42,13 +44,15 @@ from authz.tokens.keys import (
     WRONG_ALGORITHM,
     FileKeySource,
     KeySource,
-    KeySourceError,
     StaticKeySource,
     UrlKeySource,
     VerificationKey,
 )
 
 logger = logging.getLogger(__name__)
+# Issuers reach the verifier already validated by the config loader; these checks catch the
+# settings a caller builds by hand (the file is then unknown).
+_SETTINGS = "<auth settings>"
 
 _SCHEME = "bearer "
 _SCHEME_LEN = len(_SCHEME)
@@ -214,9 +218,8 @@ class Authenticator:
     def _source_for(self, cfg: IssuerSettings, monotonic: Callable[[], float]) -> KeySource:
         given = [v for v in (cfg.jwks_url, cfg.jwks_file, cfg.pem_file) if v]
         if len(given) != 1:
-            raise ValueError(
-                f"issuer {cfg.issuer!r}: set exactly one of jwks_url, jwks_file, pem_file"
-            )
+            raise ConfigError(_SETTINGS, "auth.issuers", f"issuer {cfg.issuer!r}: set exactly "
+                              "one of jwks_url, jwks_file, pem_file")
         if cfg.jwks_url:
             s = self._settings
             return UrlKeySource(
@@ -235,10 +238,11 @@ class Authenticator:
 
     def _add(self, name: str, source: KeySource, algorithms: tuple[str, ...]) -> None:
         if name in self._issuers:
-            raise ValueError(f"issuer {name!r} is configured twice")
+            raise ConfigError(_SETTINGS, "auth.issuers", f"issuer {name!r} is configured twice")
         allowed = frozenset(algorithms) & _ALL_ASYMMETRIC
         if not allowed:
-            raise ValueError(f"issuer {name!r}: no asymmetric algorithm allowed")
+            raise ConfigError(_SETTINGS, "auth.issuers", f"issuer {name!r}: no asymmetric "
+                              "algorithm allowed")
         self._issuers[name] = _Issuer(name, source, allowed)
 
     # -- lifecycle ---------------------------------------------------------------------------

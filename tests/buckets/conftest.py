@@ -9,7 +9,6 @@ import pytest
 
 from authz.buckets import DenyCache, MemoryBucketStore, RedisBucketStore
 from authz.buckets.base import BucketStore
-from authz.config.settings import StoreSettings
 from tests.support.redis_server import RedisServer
 
 # Generous next to the 50 ms production default: CI machines stall; the timeout tests set
@@ -51,14 +50,13 @@ async def store(request: pytest.FixtureRequest, redis_db: RedisServer
                 ) -> AsyncIterator[BucketStore]:
     """Every store behind the same BucketStore contract (the deny cache wraps Redis)."""
     kind = request.param
-    settings = StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT)
     s: BucketStore
     if kind == "memory":
-        s = MemoryBucketStore(settings)
+        s = MemoryBucketStore()
     elif kind == "redis":
-        s = RedisBucketStore(settings)
+        s = RedisBucketStore(redis_db.url, timeout=TEST_TIMEOUT)
     else:
-        s = DenyCache(RedisBucketStore(settings))
+        s = DenyCache(RedisBucketStore(redis_db.url, timeout=TEST_TIMEOUT))
     await s.start()
     try:
         yield s
@@ -68,7 +66,7 @@ async def store(request: pytest.FixtureRequest, redis_db: RedisServer
 
 @pytest.fixture
 async def redis_store(redis_db: RedisServer) -> AsyncIterator[RedisBucketStore]:
-    s = RedisBucketStore(StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT))
+    s = RedisBucketStore(redis_db.url, timeout=TEST_TIMEOUT)
     await s.start()
     try:
         yield s

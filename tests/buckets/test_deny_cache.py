@@ -10,7 +10,6 @@ import pytest
 
 from authz.buckets import DenyCache, MemoryBucketStore, RedisBucketStore, StoreError
 from authz.buckets.base import BucketSpec
-from authz.config.settings import StoreSettings
 from tests.support.redis_server import RedisServer
 
 
@@ -41,7 +40,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def cache(redis_db: RedisServer, clock: Clock) -> AsyncIterator[DenyCache]:
-    c = DenyCache(RedisBucketStore(StoreSettings(redis_url=redis_db.url, timeout=0.5)),
+    c = DenyCache(RedisBucketStore(redis_db.url, timeout=0.5),
                   max_entries=3, max_hold=50.0, clock=clock)
     await c.start()
     try:
@@ -74,7 +73,7 @@ async def test_a_refused_identity_costs_no_round_trip_until_its_retry_time(
 
 async def test_after_the_real_retry_time_redis_admits_again(
         redis_db: RedisServer, identity: str) -> None:
-    cache = DenyCache(RedisBucketStore(StoreSettings(redis_url=redis_db.url, timeout=0.5)))
+    cache = DenyCache(RedisBucketStore(redis_db.url, timeout=0.5))
     await cache.start()
     try:
         bucket = spec(identity, capacity=1, rate=20)
@@ -140,7 +139,7 @@ async def test_hold_is_capped_and_clear_forgets(cache: DenyCache, redis_db: Redi
 
 async def test_store_errors_pass_through_and_are_not_cached(identity: str) -> None:
     own = RedisServer().start()
-    cache = DenyCache(RedisBucketStore(StoreSettings(redis_url=own.url, timeout=0.2)))
+    cache = DenyCache(RedisBucketStore(own.url, timeout=0.2))
     try:
         await cache.start()
         own.stop()

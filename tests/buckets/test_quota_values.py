@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from authz.buckets import MemoryBucketStore, RedisBucketStore
 from authz.buckets.base import BucketStore
-from authz.config.errors import ConfigError
-from authz.config.settings import Settings, StoreSettings
+from authz.config.settings import Settings
 from authz.decision import DecisionMaker
+from authz.errors import ConfigError
 from authz.paths import PathClassifier
 from authz.quota import parse_quota
 from authz.quota.loader import MAX_COST, MAX_PER, MAX_TIME_TO_FULL, MAX_TOKENS, MIN_PER
@@ -73,9 +73,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     issuer = TestIssuer(tmp_path_factory.mktemp("idp"))
     loop = asyncio.new_event_loop()
     with RedisServer() as redis:
-        store_settings = StoreSettings(redis_url=redis.url, timeout=2.0)
-        stores: dict[str, BucketStore] = {"memory": MemoryBucketStore(store_settings),
-                                          "redis": RedisBucketStore(store_settings)}
+        stores: dict[str, BucketStore] = {"memory": MemoryBucketStore(),
+                                          "redis": RedisBucketStore(redis.url, timeout=2.0)}
         for s in stores.values():
             loop.run_until_complete(s.start())
         auth = Authenticator(Settings().auth, static_issuers={issuer.name: issuer.jwks})

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from authz.buckets import RedisBucketStore
 from authz.buckets.base import BucketSpec
-from authz.config.settings import StoreSettings
 from tests.support.redis_server import RedisServer
 
 README = Path(__file__).resolve().parents[2] / "deploy" / "README.md"
@@ -21,7 +20,7 @@ async def test_documented_acl_user_can_charge_and_nothing_more() -> None:
         admin = server.client()
         admin.execute_command(*line.replace(">PASSWORD", ">s3cret").split())
         url = re.sub(r"^redis://", "redis://authz:s3cret@", server.url)
-        store = RedisBucketStore(StoreSettings(redis_url=url, key_prefix="authz:"))
+        store = RedisBucketStore(url, key_prefix="authz:")
         await store.start(wait=True)
         try:
             spec = BucketSpec("{abc}:free:s", "s", 2, 1)

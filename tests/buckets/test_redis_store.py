@@ -16,7 +16,6 @@ from redis.crc import key_slot
 
 from authz.buckets import RedisBucketStore, StoreError
 from authz.buckets.base import BucketSpec
-from authz.config.settings import StoreSettings
 from tests.support.redis_server import RedisServer, free_port
 
 TEST_TIMEOUT = 0.5  # as in conftest: generous, CI machines stall
@@ -48,7 +47,7 @@ async def wait_until_ready(store: RedisBucketStore, within: float = 5.0) -> None
 
 @pytest.fixture
 async def store_on_own(own_redis: RedisServer) -> AsyncIterator[RedisBucketStore]:
-    s = RedisBucketStore(StoreSettings(redis_url=own_redis.url, timeout=0.2))
+    s = RedisBucketStore(own_redis.url, timeout=0.2)
     await s.start()
     try:
         yield s
@@ -71,7 +70,7 @@ async def test_keys_carry_the_prefix_and_hash_tag_and_a_ttl(
 
 
 async def test_key_prefix_comes_from_settings(redis_db: RedisServer, identity: str) -> None:
-    store = RedisBucketStore(StoreSettings(redis_url=redis_db.url, key_prefix="rl:"))
+    store = RedisBucketStore(redis_db.url, key_prefix="rl:")
     await store.start()
     try:
         await store.charge([spec(identity)], 1)
@@ -123,8 +122,8 @@ async def test_one_evalsha_per_decision_whatever_the_number_of_limits(
 
 
 async def test_concurrent_charges_are_coalesced(redis_db: RedisServer) -> None:
-    store = RedisBucketStore(StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT,
-                                           max_batch=64))
+    store = RedisBucketStore(redis_db.url, timeout=TEST_TIMEOUT,
+                                           max_batch=64)
     await store.start()
     try:
         reset_stats(redis_db)
@@ -194,8 +193,7 @@ async def test_a_cancelled_caller_does_not_disturb_the_others(
 async def test_two_replicas_never_over_admit(redis_db: RedisServer, identity: str) -> None:
     """Two stores (two service replicas) on one identity: Redis's clock and atomic script
     keep the total within burst + rate x elapsed."""
-    settings = StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT)
-    stores = [RedisBucketStore(settings), RedisBucketStore(settings)]
+    stores = [RedisBucketStore(redis_db.url, timeout=TEST_TIMEOUT) for _ in range(2)]
     for s in stores:
         await s.start()
     burst, rate, duration = 5, 50.0, 1.0
@@ -292,7 +290,7 @@ async def test_redis_paused_times_out_then_recovers(
 
 
 async def test_close_then_charge_is_a_store_error(redis_db: RedisServer, identity: str) -> None:
-    store = RedisBucketStore(StoreSettings(redis_url=redis_db.url))
+    store = RedisBucketStore(redis_db.url)
     await store.start()
     assert store.ready
     await store.close()
@@ -316,7 +314,7 @@ def password_redis() -> Iterator[RedisServer]:
 ])
 async def test_urls_with_credentials(password_redis: RedisServer, identity: str,
                                      make_url: Any) -> None:
-    store = RedisBucketStore(StoreSettings(redis_url=make_url(password_redis)))
+    store = RedisBucketStore(make_url(password_redis))
     await store.start()
     try:
         assert (await store.charge([spec(identity)], 1)).allowed
@@ -325,8 +323,7 @@ async def test_urls_with_credentials(password_redis: RedisServer, identity: str,
 
 
 async def test_db_number_is_selected(password_redis: RedisServer, identity: str) -> None:
-    store = RedisBucketStore(StoreSettings(
-        redis_url=f"redis://alice:alice-pw@127.0.0.1:{password_redis.port}/3"))
+    store = RedisBucketStore(f"redis://alice:alice-pw@127.0.0.1:{password_redis.port}/3")
     await store.start()
     try:
         await store.charge([spec(identity)], 1)
@@ -349,7 +346,7 @@ async def test_db_number_is_selected(password_redis: RedisServer, identity: str)
     ("redis://127.0.0.1:{free}/0", "cannot connect to Redis at redis://127.0.0.1"),
 ])
 async def test_bad_urls_fail_at_start_with_a_clear_message(url: str, message: str) -> None:
-    store = RedisBucketStore(StoreSettings(redis_url=url.format(free=free_port())))
+    store = RedisBucketStore(url.format(free=free_port()))
     with pytest.raises(StoreError, match=message):
         await store.start(wait=True)
     assert not store.ready
@@ -359,8 +356,8 @@ async def test_unreachable_at_start_is_an_outage_not_a_failure() -> None:
     """Redis down when the service starts: charges fail (so store.on_error applies), `ready`
     stays False, and the store connects by itself once Redis is there."""
     port = free_port()
-    store = RedisBucketStore(StoreSettings(redis_url=f"redis://127.0.0.1:{port}/0",
-                                           timeout=0.1))
+    store = RedisBucketStore(f"redis://127.0.0.1:{port}/0",
+                                           timeout=0.1)
     await store.start()
     try:
         assert not store.ready
@@ -385,7 +382,7 @@ async def test_unreachable_at_start_is_an_outage_not_a_failure() -> None:
 ])
 async def test_wrong_credentials_fail_at_start_without_leaking_them(
         password_redis: RedisServer, make_url: Any) -> None:
-    store = RedisBucketStore(StoreSettings(redis_url=make_url(password_redis)))
+    store = RedisBucketStore(make_url(password_redis))
     with pytest.raises(StoreError, match="refused the connection setup") as info:
         await store.start(wait=True)
     assert "wrong" not in str(info.value).replace("WRONGPASS", "")
@@ -397,7 +394,7 @@ async def test_unanswering_redis_fails_within_the_connect_timeout() -> None:
     server = RedisServer().start()
     try:
         server.pause()
-        store = RedisBucketStore(StoreSettings(redis_url=server.url), connect_timeout=0.3)
+        store = RedisBucketStore(server.url, connect_timeout=0.3)
         started = time.monotonic()
         with pytest.raises(StoreError, match=r"127\.0\.0\.1"):
             await store.start(wait=True)
@@ -419,7 +416,7 @@ def tls_redis() -> Iterator[RedisServer]:
     lambda s: f"rediss://127.0.0.1:{s.port}/0?ssl_cert_reqs=none",
 ])
 async def test_rediss(tls_redis: RedisServer, identity: str, make_url: Any) -> None:
-    store = RedisBucketStore(StoreSettings(redis_url=make_url(tls_redis)))
+    store = RedisBucketStore(make_url(tls_redis))
     await store.start()
     try:
         assert (await store.charge([spec(identity)], 1)).allowed
@@ -429,7 +426,7 @@ async def test_rediss(tls_redis: RedisServer, identity: str, make_url: Any) -> N
 
 async def test_rediss_verifies_the_certificate(tls_redis: RedisServer) -> None:
     # The system trust store does not know the test CA.
-    store = RedisBucketStore(StoreSettings(redis_url=f"rediss://127.0.0.1:{tls_redis.port}/0"))
+    store = RedisBucketStore(f"rediss://127.0.0.1:{tls_redis.port}/0")
     with pytest.raises(StoreError, match="certificate verify failed"):
         await store.start(wait=True)
 
@@ -439,7 +436,7 @@ def test_works_on_uvloop(redis_db: RedisServer, identity: str) -> None:
     import uvloop
 
     async def scenario() -> None:
-        store = RedisBucketStore(StoreSettings(redis_url=redis_db.url, timeout=TEST_TIMEOUT))
+        store = RedisBucketStore(redis_db.url, timeout=TEST_TIMEOUT)
         await store.start()
         try:
             results = await asyncio.gather(
@@ -458,7 +455,7 @@ async def test_a_replica_is_left_for_a_new_connection(redis_server: RedisServer,
     """READONLY (the URL now points at a replica, e.g. after a failover): a StoreError, and
     the connection is replaced so the next one can reach the new primary."""
     with RedisServer(extra_args=("--replicaof", "127.0.0.1", str(redis_server.port))) as replica:
-        store = RedisBucketStore(StoreSettings(redis_url=replica.url, timeout=TEST_TIMEOUT))
+        store = RedisBucketStore(replica.url, timeout=TEST_TIMEOUT)
         await store.start()
         try:
             with pytest.raises(StoreError, match="READONLY"):

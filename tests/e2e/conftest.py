@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from authz.demo.processes import WorkDir
-from authz.mesh.envoy_binary import EnvoyNotFound, find_envoy
+from authz.errors import EnvoyNotFound
+from authz.mesh.envoy_binary import find_envoy
 
 from .harness import Keys
 

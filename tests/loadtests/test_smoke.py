@@ -97,7 +97,8 @@ def test_locust_grpc_scenario(tmp_path: Path) -> None:
 
 @pytest.mark.envoy
 def test_locust_envoy_scenario(tmp_path: Path) -> None:
-    from authz.mesh.envoy_binary import EnvoyNotFound, find_envoy
+    from authz.errors import EnvoyNotFound
+    from authz.mesh.envoy_binary import find_envoy
 
     try:
         find_envoy()

@@ -24,9 +24,9 @@ from opentelemetry.trace import StatusCode
 from tokens_testkit import ISS_A, FakeClock, Keys, bearer, claims, public_jwk, sign, started
 
 from authz.config.settings import AuthSettings, IssuerSettings
+from authz.errors import KeySourceError
 from authz.tokens import keys as keys_module
 from authz.tokens.base import Identity, TokenFailure
-from authz.tokens.keys import KeySourceError
 from authz.tokens.verifier import Authenticator
 
 JWKS_PATH = "/.well-known/jwks.json"

@@ -20,6 +20,7 @@ from jwt.algorithms import RSAAlgorithm
 from tokens_testkit import ISS_A, ISS_B, FakeClock, KeyFiles, Keys, bearer, claims, public_jwk, sign
 
 from authz.config.settings import AuthSettings, IssuerSettings
+from authz.errors import ConfigError
 from authz.tokens.base import Identity, TokenFailure
 from authz.tokens.keys import (
     AMBIGUOUS,
@@ -199,18 +200,18 @@ def test_configuration_errors(key_files: KeyFiles, keys: Keys) -> None:
             IssuerSettings(ISS_A, pem_file=str(key_files.pem_b)),
         )
     )
-    with pytest.raises(ValueError, match="configured twice"):
+    with pytest.raises(ConfigError, match="configured twice"):
         Authenticator(twice)
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(ConfigError, match="exactly one of"):
         Authenticator(AuthSettings(issuers=(IssuerSettings(ISS_A),)))
     both = IssuerSettings(ISS_A, jwks_file="a", pem_file="b")
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(ConfigError, match="exactly one of"):
         Authenticator(AuthSettings(issuers=(both,)))
     with pytest.raises(KeySourceError, match="only http and https"):
         Authenticator(AuthSettings(issuers=(IssuerSettings(ISS_A, jwks_url="file:///etc/passwd"),)))
     clash = {ISS_A: {"keys": [public_jwk(keys.rsa_a, "x")]}}
     settings = AuthSettings(issuers=(IssuerSettings(ISS_A, jwks_file=str(key_files.jwks_a)),))
-    with pytest.raises(ValueError, match="configured twice"):
+    with pytest.raises(ConfigError, match="configured twice"):
         Authenticator(settings, static_issuers=clash)
 
 

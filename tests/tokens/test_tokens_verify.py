@@ -27,6 +27,7 @@ from tokens_testkit import (
 )
 
 from authz.config.settings import AuthSettings, IssuerSettings
+from authz.errors import ConfigError
 from authz.tokens.base import Identity, TokenFailure
 from authz.tokens.verifier import Authenticator
 
@@ -120,7 +121,7 @@ def test_issuer_with_only_symmetric_algorithms_is_refused(key_files: KeyFiles) -
     settings = AuthSettings(
         issuers=(IssuerSettings(ISS_B, pem_file=str(key_files.pem_b), algorithms=("HS256",)),)
     )
-    with pytest.raises(ValueError, match="no asymmetric algorithm"):
+    with pytest.raises(ConfigError, match="no asymmetric algorithm"):
         Authenticator(settings)
 
 

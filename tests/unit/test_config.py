@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from authz.config.errors import ConfigError
 from authz.config.loader import DEV_ISSUER, load_settings, parse_settings
 from authz.config.settings import Settings
+from authz.errors import ConfigError
 
 
 def parse(text: str, tmp_path: Path) -> Settings:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz.config.errors import ConfigError
+from authz.errors import ConfigError
 from authz.quota import Grant, Refusal, Resolver, load_quota, parse_quota
 from authz.tokens.base import Identity
 

@@ -1,5 +1,8 @@
 """`store.redis_url` -> where and how to connect, with errors that say what is wrong.
 
+Pure parsing (redis-py's URL parser, then our checks): the config loader reports a bad URL
+naming the key, and the Redis store connects to the RedisAddress it yields.
+
 redis://[[user]:password@]host[:port][/db], rediss://... (TLS), unix://[[user]:password@]/path
 [?db=N&password=...]. The query accepts `db`, `password` and the TLS options `ssl_cert_reqs`
 (none|optional|required), `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_check_hostname`;
@@ -14,7 +17,7 @@ from typing import Any
 
 from redis.asyncio.connection import parse_url
 
-from .base import StoreError
+from ..errors import InvalidValue
 
 DEFAULT_PORT = 6379
 _TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
@@ -47,35 +50,35 @@ class RedisAddress:
 def parse_redis_url(url: str) -> RedisAddress:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in ("redis", "rediss", "unix"):
-        raise StoreError(f"store.redis_url must start with redis://, rediss:// or unix:// "
+        raise InvalidValue(f"store.redis_url must start with redis://, rediss:// or unix:// "
                          f"(got {_redact(url)!r})")
     try:
         kwargs: dict[str, Any] = dict(parse_url(url))
     except ValueError as e:
-        raise StoreError(f"store.redis_url {_redact(url)!r} is invalid: {e}") from None
+        raise InvalidValue(f"store.redis_url {_redact(url)!r} is invalid: {e}") from None
     unknown = sorted(set(kwargs) - _KNOWN)
     if unknown:
-        raise StoreError(f"store.redis_url {_redact(url)!r}: unsupported option(s) "
+        raise InvalidValue(f"store.redis_url {_redact(url)!r}: unsupported option(s) "
                          f"{', '.join(unknown)}; supported: db, password, "
                          f"{', '.join(_TLS_OPTIONS)}")
     db = kwargs.get("db", 0)
     if db < 0:
-        raise StoreError(f"store.redis_url {_redact(url)!r}: db must be >= 0")
+        raise InvalidValue(f"store.redis_url {_redact(url)!r}: db must be >= 0")
     common: dict[str, Any] = {"db": db, "username": kwargs.get("username"),
                               "password": kwargs.get("password")}
     if scheme == "unix":
         if not kwargs.get("path"):
-            raise StoreError(f"store.redis_url {_redact(url)!r}: no socket path "
+            raise InvalidValue(f"store.redis_url {_redact(url)!r}: no socket path "
                              "(expected unix:///path/to/redis.sock)")
         if any(k in kwargs for k in _TLS_OPTIONS):
-            raise StoreError(f"store.redis_url {_redact(url)!r}: TLS options need rediss://")
+            raise InvalidValue(f"store.redis_url {_redact(url)!r}: TLS options need rediss://")
         return RedisAddress(path=kwargs["path"], **common)
     if not kwargs.get("host"):
-        raise StoreError(f"store.redis_url {_redact(url)!r}: no host "
+        raise InvalidValue(f"store.redis_url {_redact(url)!r}: no host "
                          "(expected redis://host:port/db)")
     tls = _tls_context(url, kwargs) if scheme == "rediss" else None
     if tls is None and any(k in kwargs for k in _TLS_OPTIONS):
-        raise StoreError(f"store.redis_url {_redact(url)!r}: TLS options need rediss://")
+        raise InvalidValue(f"store.redis_url {_redact(url)!r}: TLS options need rediss://")
     return RedisAddress(host=kwargs["host"], port=kwargs.get("port", DEFAULT_PORT), tls=tls,
                         **common)
 
@@ -83,14 +86,15 @@ def parse_redis_url(url: str) -> RedisAddress:
 def _tls_context(url: str, kwargs: dict[str, Any]) -> ssl.SSLContext:
     reqs_name = str(kwargs.get("ssl_cert_reqs", "required")).lower()
     if reqs_name not in _CERT_REQS:
-        raise StoreError(f"store.redis_url {_redact(url)!r}: ssl_cert_reqs must be one of "
+        raise InvalidValue(f"store.redis_url {_redact(url)!r}: ssl_cert_reqs must be one of "
                          f"none, optional, required (got {reqs_name!r})")
     try:
         ctx = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
         if "ssl_certfile" in kwargs:
             ctx.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
     except (OSError, ssl.SSLError) as e:
-        raise StoreError(f"store.redis_url {_redact(url)!r}: cannot load TLS files: {e}") from None
+        raise InvalidValue(f"store.redis_url {_redact(url)!r}: cannot load TLS files: {e}"
+                           ) from None
     check_hostname = kwargs.get("ssl_check_hostname", reqs_name == "required")
     ctx.check_hostname = bool(check_hostname) and reqs_name != "none"
     ctx.verify_mode = _CERT_REQS[reqs_name]

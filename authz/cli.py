@@ -212,7 +212,7 @@ def _print_dev_banner(signer: Any, port: int) -> None:
 def _check_config(file: str) -> int:
     """Validate a config file exactly as `serve` does (same function, same environment), or a
     quota file by itself. Prints every problem, one per line."""
-    from .config.reader import load_yaml
+    from .config.yaml_reader import load_yaml
     from .quota import parse_quota
     from .quota.model import BUILTIN_PLANS
     from .service_config import load_service_config

@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .buckets.base import BucketState, ChargeResult
+from .buckets.store import BucketState, ChargeResult
 from .config.settings import Settings
 from .quota.resolve import Grant, Refusal
-from .tokens.base import Identity, TokenFailure
+from .tokens.identity import Identity, TokenFailure
 
 
 class Outcome(StrEnum):
@@ -89,8 +89,8 @@ def _body(**fields: object) -> str:
     return json.dumps(fields, separators=(",", ":"), sort_keys=False)
 
 
-class DecisionMaker:
-    """Turns the outcome of each step into the answer, with headers and body.
+class Answers:
+    """The answer to each step's outcome (a Decision with its status, headers and body).
 
     Answers that do not depend on the caller are built once here.
     """

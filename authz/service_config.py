@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config.loader import load_settings
 from .config.problems import Problems
+from .config.service_file import load_settings
 from .config.settings import Settings
 from .errors import ConfigError, KeySourceError
 from .quota import load_quota

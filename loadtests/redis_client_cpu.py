@@ -30,8 +30,8 @@ from typing import Any
 import redis.asyncio as aredis
 
 from authz.buckets import MemoryBucketStore, RedisBucketStore
-from authz.buckets.base import BucketSpec, BucketState, ChargeResult, StoreError
 from authz.buckets.redis import SCRIPT
+from authz.buckets.store import BucketSpec, BucketState, ChargeResult, StoreError
 from tests.support.redis_server import RedisServer
 
 SPECS = [BucketSpec(f"{{{'ab' * 16}}}:free:per-second", "per-second", 1e9, 1e6),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import BucketSpec
+from .store import BucketSpec
 
 _INF = float("inf")
 

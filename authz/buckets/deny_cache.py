@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from .base import BucketSpec, BucketState, BucketStore, ChargeResult
+from .store import BucketSpec, BucketState, BucketStore, ChargeResult
 
 # Entries are ~300 bytes; 100k of them is ~30 MB at worst, reached only by 100k identities
 # over their limits at the same time.

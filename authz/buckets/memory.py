@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ._validate import check_charge
-from .base import BucketSpec, BucketState, ChargeResult
+from .store import BucketSpec, BucketState, ChargeResult
 
 # Tokens of slack in "holds at least `cost`": refill arithmetic in floating point can land a
 # hair under a whole token (e.g. 0.1 s * 10/s = 0.9999999999999999). Far below anything a

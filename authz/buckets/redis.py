@@ -52,7 +52,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ._validate import check_charge
-from .base import BucketSpec, BucketState, ChargeResult
+from .store import BucketSpec, BucketState, ChargeResult
 
 SCRIPT = resources.files(__package__).joinpath("token_bucket.lua").read_bytes()
 SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest().encode()

@@ -1,6 +1,6 @@
 """The service's settings as typed, immutable values.
 
-`authz.config.loader` builds these from a YAML file (see README "Configuration reference");
+`authz.config.service_file` builds these from a YAML file (see README "Configuration reference");
 everything else in the package receives them already validated.
 """
 

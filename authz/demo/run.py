@@ -64,7 +64,7 @@ def demo_settings(redis_url: str | None, grpc_port: int) -> Settings:
 
 
 def demo_quota() -> Any:
-    from ..config.reader import parse_yaml
+    from ..config.yaml_reader import parse_yaml
     from ..quota import parse_quota
 
     name = "<authz/demo/quota.yaml>"

@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config.reader import Node, parse_yaml, read_text
+from ..config.yaml_reader import Node, parse_yaml, read_text
 from ..errors import ConfigError
 from .model import BLOCKED, BUILTIN_PLANS, UNLIMITED, Limit, ModelRule, Plan, Quota
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from ..buckets.base import BucketSpec
-from ..tokens.base import Identity
+from ..buckets.store import BucketSpec
+from ..tokens.identity import Identity
 from .model import BUILTIN_PLANS, Limit, ModelRule, Plan, Quota
 
 # Model names come from request paths, so a caller can invent any number of them; the

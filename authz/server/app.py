@@ -24,20 +24,21 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from ..buckets.base import BucketStore
 from ..buckets.deny_cache import DenyCache
 from ..buckets.memory import MemoryBucketStore
-from ..buckets.observed import ObservedStore
-from ..config.reader import MAX_FILE_BYTES, decode_text, parse_yaml, read_text
+from ..buckets.metered import MeteredStore
+from ..buckets.store import BucketStore
 from ..config.settings import Settings
-from ..decision import DecisionMaker
+from ..config.yaml_reader import MAX_FILE_BYTES, decode_text, parse_yaml, read_text
+from ..decision import Answers
 from ..errors import EXIT_STARTUP, ConfigError, StartupError, StoreError
 from ..paths import PathClassifier
+from ..pipeline import CheckPipeline
 from ..quota import parse_quota
 from ..quota.model import Quota
 from ..quota.resolve import Resolver
 from ..tokens.verifier import Authenticator
-from .service import AuthorizationService, Decider, Readiness
+from .service import AuthorizationService
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def build_store(settings: Settings, telemetry: Any = None) -> BucketStore:
         inner = RedisBucketStore(s.redis_url, key_prefix=s.key_prefix, timeout=s.timeout,
                                  max_batch=s.max_batch, tracer=tracer)
         if telemetry is not None:
-            inner = ObservedStore(inner, telemetry.observe_store_call)
+            inner = MeteredStore(inner, telemetry.observe_store_call)
     else:
         inner = MemoryBucketStore(settings.store.key_prefix)
     return DenyCache(inner)
@@ -66,9 +67,8 @@ def build_store(settings: Settings, telemetry: Any = None) -> BucketStore:
 class Components:
     authenticator: Authenticator
     store: BucketStore
+    pipeline: CheckPipeline
     service: AuthorizationService
-    readiness: Readiness
-    decider: Decider
 
 
 def build_components(settings: Settings, quota: Quota, *,
@@ -83,12 +83,9 @@ def build_components(settings: Settings, quota: Quota, *,
         telemetry.register_jwks(lambda: {
             (issuer, "error" if result == "failed" else result): n
             for (issuer, result), n in authenticator.jwks_refresh_counts().items()})
-    readiness = Readiness()
-    decider = Decider(maker=DecisionMaker(settings), paths=PathClassifier(settings.paths),
-                      authenticator=authenticator, resolver=Resolver(quota), store=store,
-                      readiness=readiness)
-    return Components(authenticator, store, AuthorizationService(decider, telemetry), readiness,
-                      decider)
+    pipeline = CheckPipeline(answers=Answers(settings), paths=PathClassifier(settings.paths),
+                             authenticator=authenticator, resolver=Resolver(quota), store=store)
+    return Components(authenticator, store, pipeline, AuthorizationService(pipeline, telemetry))
 
 
 class Server:
@@ -194,7 +191,7 @@ class Server:
                 self._reload_done(False)
                 return False
             # One assignment: a decision in flight keeps the resolver it started with.
-            self.components.decider.resolver = Resolver(quota)
+            self.components.pipeline.resolver = Resolver(quota)
             # Locally cached refusals were computed under the old limits.
             if isinstance(self.components.store, DenyCache):
                 self.components.store.clear()
@@ -232,9 +229,9 @@ class Server:
         c = self.components
 
         def update() -> bool:
-            if c.authenticator.ready and not c.readiness.ready:
-                c.readiness.ready = True
-            return c.readiness.ready and c.store.ready
+            if c.authenticator.ready and not c.pipeline.ready:
+                c.pipeline.ready = True
+            return c.pipeline.ready and c.store.ready
 
         async def watch() -> None:
             while not self._stopping.is_set():

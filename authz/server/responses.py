@@ -64,7 +64,7 @@ class ResponseCache:
     """Builds CheckResponses, reusing what repeats.
 
     - Decisions that never vary (401s, 400s, public paths) are built once (`prebuild`), keyed
-      by the Decision object's identity: DecisionMaker returns the same object for them and
+      by the Decision object's identity: Answers returns the same object for them and
       the cache keeps a reference, so the id cannot be reused.
     - An allow's identity part (upstream headers) repeats for every request of a caller: it is
       cached and copied (CopyFrom ~1 us), and only the RateLimit headers are added.

@@ -1,9 +1,10 @@
 """The gRPC edge: envoy.service.auth.v3.Authorization/Check.
 
-Reads the few fields the decision needs from the CheckRequest, runs the steps (path, token,
-quota, buckets) and always answers with a CheckResponse. An exception escaping a handler would
-reach Envoy as an RPC error: a bare 403 when failOpen is false, or a silent allow when it is
-true. So every failure here is turned into an explicit, configured answer.
+Reads the two things the decision needs from the CheckRequest (the path and the headers), runs
+the request pipeline (authz/pipeline.py) and always answers with a CheckResponse. An exception
+escaping a handler would reach Envoy as an RPC error: a bare 403 when failOpen is false, or a
+silent allow when it is true. So every failure here is turned into an explicit, configured
+answer.
 """
 
 from __future__ import annotations
@@ -15,23 +16,13 @@ from typing import Any
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
-from ..buckets.base import BucketStore, StoreError
-from ..decision import Decision, DecisionMaker
+from ..decision import Decision
 from ..log_throttle import ThrottledLog
-from ..paths import PathClassifier, PathKind
-from ..quota.resolve import Refusal, Resolver
-from ..tokens.base import TokenFailure
-from ..tokens.verifier import Authenticator
+from ..pipeline import CheckPipeline
+from ..tokens.identity import TokenFailure
 from .responses import ResponseCache, to_check_response
 
 log = logging.getLogger(__name__)
-
-
-class Readiness:
-    """Set once config, keys and store are ready; cleared when shutting down."""
-
-    def __init__(self) -> None:
-        self.ready = False
 
 
 def request_headers(http: Any) -> Mapping[str, str]:
@@ -47,73 +38,17 @@ def request_headers(http: Any) -> Mapping[str, str]:
     return out
 
 
-class Decider:
-    """Runs the decision steps for one request. Each step is pure but the token (JWKS refetch)
-    and the bucket charge (the store) are awaited."""
-
-    def __init__(self, *, maker: DecisionMaker, paths: PathClassifier,
-                 authenticator: Authenticator, resolver: Resolver, store: BucketStore,
-                 readiness: Readiness) -> None:
-        self.maker = maker
-        self.paths = paths
-        self.authenticator = authenticator
-        self.resolver = resolver
-        self.store = store
-        self.readiness = readiness
-        self._store_failed = ThrottledLog(log, logging.WARNING, "bucket store failed")
-
-    async def decide(self, request: pb.CheckRequest) -> tuple[Decision, str | None]:
-        """The decision and the verified subject (for telemetry), never raising."""
-        maker = self.maker
-        http = request.attributes.request.http
-        headers = request_headers(http)
-        path = http.path or headers.get(":path", "")
-        if not path:
-            return maker.invalid_request("missing_http_attributes"), None
-        target = self.paths.classify(path)
-        kind = target.kind
-        if kind is PathKind.INVALID:
-            return maker.invalid_request(target.reason), None
-        if kind is PathKind.PUBLIC:
-            return maker.public(), None
-        if kind is PathKind.OTHER:
-            return maker.other_path(), None
-        if not self.readiness.ready:
-            return maker.not_ready(), None
-
-        authorization = headers.get("authorization")
-        identity = self.authenticator.authenticate_cached(authorization)
-        cache_hit = identity is not None
-        if identity is None:
-            verified = await self.authenticator.authenticate(authorization)
-            if isinstance(verified, TokenFailure):
-                return maker.unauthenticated(verified), None
-            identity = verified
-
-        grant = self.resolver.resolve(identity, target.model)
-        if isinstance(grant, Refusal):
-            return maker.refused(identity, grant), identity.subject
-        if not grant.buckets:
-            return maker.unlimited(identity, grant, cache_hit), identity.subject
-        try:
-            result = await self.store.charge(grant.buckets, grant.cost)
-        except StoreError as e:
-            self._store_failed(str(e))
-            return maker.store_failed(identity, grant, cache_hit), identity.subject
-        return maker.charged(identity, grant, result, cache_hit), identity.subject
-
-
 class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, decider: Decider, telemetry: Any = None) -> None:
-        self.decider = decider
+    def __init__(self, pipeline: CheckPipeline, telemetry: Any = None) -> None:
+        self.pipeline = pipeline
         self.telemetry = telemetry
         self.responses = ResponseCache()
-        maker = decider.maker
-        for d in (maker.public(), maker.other_path(), maker.internal_error(), maker.not_ready(),
-                  *(maker.unauthenticated(f) for f in TokenFailure)):
+        answers = pipeline.answers
+        for d in (answers.public(), answers.other_path(), answers.internal_error(),
+                  answers.not_ready(), *(answers.unauthenticated(f) for f in TokenFailure)):
             self.responses.prebuild(d)
-        self._internal = to_check_response(maker.internal_error())
-        status = maker.internal_error().status
+        self._internal = to_check_response(answers.internal_error())
+        status = answers.internal_error().status
         self._decide_failed = ThrottledLog(
             log, logging.ERROR, f"internal error while deciding (answered {status})")
         self._respond_failed = ThrottledLog(log, logging.ERROR,
@@ -121,28 +56,32 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         self._telemetry_failed = ThrottledLog(log, logging.ERROR, "telemetry failed")
 
     async def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
+        http = request.attributes.request.http
+        headers = request_headers(http)
+        # The path as Envoy saw it: the attribute, or the :path pseudo-header.
+        path = http.path or headers.get(":path", "")
         telemetry = self.telemetry
         if telemetry is None:
-            return self._respond(await self._decide(request))[1]
-        http = request.attributes.request.http
-        scope = telemetry.start_check(request_headers(http))
+            return self._respond(await self._decide(path, headers))[1]
+        scope = telemetry.start_check(headers)
         # The check span is current while the decision is awaited, so the store's and the
         # JWKS fetcher's spans become its children, and the deny log line carries its ids.
         with scope:
-            decision, subject = await self._decide(request)
+            decision, subject = await self._decide(path, headers)
             decision, response = self._respond((decision, subject))
             try:
-                telemetry.finish_check(scope, decision, subject, path=http.path)
+                telemetry.finish_check(scope, decision, subject, path=path)
             except Exception as e:
                 self._telemetry_failed(repr(e), exc_info=e)
         return response
 
-    async def _decide(self, request: pb.CheckRequest) -> tuple[Decision, str | None]:
+    async def _decide(self, path: str, headers: Mapping[str, str]
+                      ) -> tuple[Decision, str | None]:
         try:
-            return await self.decider.decide(request)
+            return await self.pipeline.decide(path, headers)
         except Exception as e:
             self._decide_failed(repr(e), exc_info=e)
-            return self.decider.maker.internal_error(), None
+            return self.pipeline.answers.internal_error(), None
 
     def _respond(self, decided: tuple[Decision, str | None]) -> tuple[Decision, pb.CheckResponse]:
         decision = decided[0]
@@ -150,4 +89,4 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             return decision, self.responses.get(decision)
         except Exception as e:
             self._respond_failed(repr(e), exc_info=e)
-            return self.decider.maker.internal_error(), self._internal
+            return self.pipeline.answers.internal_error(), self._internal

@@ -1,7 +1,7 @@
 """Bearer JWT verification: key sources, the Authenticator and its verified-claims cache."""
 
 from authz.errors import KeySourceError
-from authz.tokens.base import Identity, TokenFailure
+from authz.tokens.identity import Identity, TokenFailure
 from authz.tokens.verifier import Authenticator, KeySourceStats, identity_key
 
 __all__ = [

@@ -37,7 +37,7 @@ from jwt.types import Options
 from authz.config.settings import AuthSettings, IssuerSettings
 from authz.errors import ConfigError, KeySourceError
 from authz.jwa import ASYMMETRIC_ALGORITHMS
-from authz.tokens.base import Identity, TokenFailure
+from authz.tokens.identity import Identity, TokenFailure
 from authz.tokens.keys import (
     AMBIGUOUS,
     UNKNOWN_KID,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from authz.buckets import DenyCache, MemoryBucketStore, RedisBucketStore
-from authz.buckets.base import BucketStore
+from authz.buckets.store import BucketStore
 from tests.support.redis_server import RedisServer
 
 # Generous next to the 50 ms production default: CI machines stall; the timeout tests set

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from authz.buckets import DenyCache
-from authz.buckets.base import BucketSpec, BucketStore
+from authz.buckets.store import BucketSpec, BucketStore
 
 # Refill while a test runs stays below 1e-3 tokens at this rate (a test takes < 1 s).
 SLOW = 0.0001

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from authz.buckets import DenyCache, MemoryBucketStore, RedisBucketStore, StoreError
-from authz.buckets.base import BucketSpec
+from authz.buckets.store import BucketSpec
 from tests.support.redis_server import RedisServer
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from authz.buckets import MemoryBucketStore
-from authz.buckets.base import BucketSpec
 from authz.buckets.memory import TTL_MARGIN
+from authz.buckets.store import BucketSpec
 
 
 class Clock:

@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as pb
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from authz.buckets import MemoryBucketStore, RedisBucketStore
-from authz.buckets.base import BucketStore
+from authz.buckets.store import BucketStore
 from authz.config.settings import Settings
-from authz.decision import DecisionMaker
+from authz.decision import Answers
 from authz.errors import ConfigError
 from authz.paths import PathClassifier
+from authz.pipeline import CheckPipeline
 from authz.quota import parse_quota
 from authz.quota.loader import MAX_COST, MAX_PER, MAX_TIME_TO_FULL, MAX_TOKENS, MIN_PER
 from authz.quota.resolve import Grant, Resolver
-from authz.server.service import Decider, Readiness
 from authz.tokens.verifier import Authenticator
 from tests.support.issuer import TestIssuer
 from tests.support.redis_server import RedisServer
@@ -89,14 +88,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             loop.close()
 
 
-def request(token: str, model: str) -> pb.CheckRequest:
-    req = pb.CheckRequest()
-    http = req.attributes.request.http
-    http.path = f"/v1/models/{model}:predict"
-    http.headers.update({":path": http.path, "authorization": f"Bearer {token}"})
-    return req
-
-
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=quotas())
@@ -113,19 +104,17 @@ def test_every_accepted_quota_decides(world: dict[str, Any], data: dict[str, Any
     identity = world["auth"].authenticate_cached(f"Bearer {token}") or loop.run_until_complete(
         world["auth"].authenticate(f"Bearer {token}"))
     for name, store in world["stores"].items():
-        readiness = Readiness()
-        readiness.ready = True
-        decider = Decider(maker=DecisionMaker(Settings()), paths=PathClassifier(
-            Settings().paths), authenticator=world["auth"], resolver=resolver, store=store,
-            readiness=readiness)
+        pipeline = CheckPipeline(answers=Answers(Settings()), paths=PathClassifier(
+            Settings().paths), authenticator=world["auth"], resolver=resolver, store=store)
+        pipeline.ready = True
         for model in ("m1", "other"):
             grant = resolver.resolve(identity, model)
             if isinstance(grant, Grant) and grant.buckets:
                 # the store itself, directly: never raises for an accepted quota
                 loop.run_until_complete(store.charge(grant.buckets, grant.cost))
             for _ in range(3):
-                decision, _subject = loop.run_until_complete(
-                    decider.decide(request(token, model)))
+                decision, _subject = loop.run_until_complete(pipeline.decide(
+                    f"/v1/models/{model}:predict", {"authorization": f"Bearer {token}"}))
                 assert decision.status in (200, 403, 429), (name, decision, data)
                 if decision.status == 403:
                     assert decision.reason == "model_not_allowed"

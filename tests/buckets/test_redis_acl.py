@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from authz.buckets import RedisBucketStore
-from authz.buckets.base import BucketSpec
+from authz.buckets.store import BucketSpec
 from tests.support.redis_server import RedisServer
 
 README = Path(__file__).resolve().parents[2] / "deploy" / "README.md"

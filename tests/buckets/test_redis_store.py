@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from redis.crc import key_slot
 
 from authz.buckets import RedisBucketStore, StoreError
-from authz.buckets.base import BucketSpec
+from authz.buckets.store import BucketSpec
 from tests.support.redis_server import RedisServer, free_port
 
 TEST_TIMEOUT = 0.5  # as in conftest: generous, CI machines stall

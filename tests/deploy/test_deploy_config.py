@@ -9,7 +9,7 @@ import pytest
 from deploykit import authzconfig, render
 from deploykit.tools import DEPLOY
 
-from authz.config.loader import load_settings
+from authz.config.service_file import load_settings
 from authz.quota.loader import load_quota
 
 

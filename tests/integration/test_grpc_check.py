@@ -22,7 +22,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz.config.loader import parse_settings
+from authz.config.service_file import parse_settings
 from authz.config.settings import Settings
 from authz.quota import parse_quota
 from authz.server.app import Server

@@ -11,7 +11,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz.config.loader import parse_settings
+from authz.config.service_file import parse_settings
 from authz.quota import parse_quota
 from authz.server.app import Server
 from authz.telemetry import Telemetry

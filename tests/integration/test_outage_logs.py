@@ -10,7 +10,7 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
-from authz.config.loader import parse_settings
+from authz.config.service_file import parse_settings
 from authz.quota import load_quota
 from authz.server.app import Server
 from tests.support.authz_process import check_request

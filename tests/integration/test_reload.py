@@ -18,7 +18,7 @@ import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
-from authz.config.loader import parse_settings
+from authz.config.service_file import parse_settings
 from authz.quota import load_quota
 from authz.server.app import Server
 from tests.support.authz_process import Proc, check_request, write_config
@@ -198,9 +198,9 @@ async def test_reload_failure_keeps_the_quota_in_process(tmp_path: Path, issuer:
     server = Server(settings, load_quota(quota))
     await server.start()
     try:
-        resolver = server.components.decider.resolver
+        resolver = server.components.pipeline.resolver
         quota.write_text(bad)
         assert not await server.reload_quota()
-        assert server.components.decider.resolver is resolver
+        assert server.components.pipeline.resolver is resolver
     finally:
         await server.stop()

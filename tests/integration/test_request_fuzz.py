@@ -17,7 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz.config.loader import parse_settings
+from authz.config.service_file import parse_settings
 from authz.paths import PathClassifier, PathKind
 from authz.quota import parse_quota
 from authz.server.app import build_components
@@ -113,7 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             c = build_components(settings_, parse_quota(QUOTA, "quota"))
             loop.run_until_complete(c.authenticator.start())
             loop.run_until_complete(c.store.start())
-            c.readiness.ready = True
+            c.pipeline.ready = True
             services[name] = c
         try:
             yield {"loop": loop, "services": services, "token": issuer.mint("fuzz"),

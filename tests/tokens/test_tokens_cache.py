@@ -15,7 +15,7 @@ from tokens_testkit import (
     started,
 )
 
-from authz.tokens.base import Identity, TokenFailure
+from authz.tokens.identity import Identity, TokenFailure
 from authz.tokens.verifier import Authenticator
 
 

@@ -6,8 +6,8 @@ import pytest
 from tokens_testkit import FakeClock, KeyFiles, bearer, file_settings, started
 
 from authz.config.settings import AuthSettings
-from authz.tokens.base import Identity, TokenFailure
 from authz.tokens.devsigner import DEV_ISSUER, DevelopmentOnlySigner
+from authz.tokens.identity import Identity, TokenFailure
 from authz.tokens.verifier import Authenticator
 
 

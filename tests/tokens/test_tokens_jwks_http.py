@@ -26,7 +26,7 @@ from tokens_testkit import ISS_A, FakeClock, Keys, bearer, claims, public_jwk, s
 from authz.config.settings import AuthSettings, IssuerSettings
 from authz.errors import KeySourceError
 from authz.tokens import keys as keys_module
-from authz.tokens.base import Identity, TokenFailure
+from authz.tokens.identity import Identity, TokenFailure
 from authz.tokens.verifier import Authenticator
 
 JWKS_PATH = "/.well-known/jwks.json"

@@ -21,7 +21,7 @@ from tokens_testkit import ISS_A, ISS_B, FakeClock, KeyFiles, Keys, bearer, clai
 
 from authz.config.settings import AuthSettings, IssuerSettings
 from authz.errors import ConfigError
-from authz.tokens.base import Identity, TokenFailure
+from authz.tokens.identity import Identity, TokenFailure
 from authz.tokens.keys import (
     AMBIGUOUS,
     UNKNOWN_KID,

@@ -28,7 +28,7 @@ from tokens_testkit import (
 
 from authz.config.settings import AuthSettings, IssuerSettings
 from authz.errors import ConfigError
-from authz.tokens.base import Identity, TokenFailure
+from authz.tokens.identity import Identity, TokenFailure
 from authz.tokens.verifier import Authenticator
 
 

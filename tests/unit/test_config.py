@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.config.loader import DEV_ISSUER, load_settings, parse_settings
+from authz.config.service_file import DEV_ISSUER, load_settings, parse_settings
 from authz.config.settings import Settings
 from authz.errors import ConfigError
 

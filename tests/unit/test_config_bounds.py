@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz.config.loader import load_settings
-from authz.config.reader import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, parse_yaml
+from authz.config.service_file import load_settings
+from authz.config.yaml_reader import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, parse_yaml
 from authz.errors import ConfigError, ConfigErrors
 from authz.quota import load_quota, parse_quota
 from authz.quota.loader import MAX_COST, MAX_LIMITS_PER_REQUEST, MAX_TIME_TO_FULL, MAX_TOKENS

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from authz.buckets.base import BucketSpec, BucketState, ChargeResult
+from authz.buckets.store import BucketSpec, BucketState, ChargeResult
 from authz.config.settings import Settings, StoreSettings
-from authz.decision import DecisionMaker, Outcome, header_value
+from authz.decision import Answers, Outcome, header_value
 from authz.quota.resolve import Grant, Refusal
-from authz.tokens.base import Identity, TokenFailure
+from authz.tokens.identity import Identity, TokenFailure
 
 ID = Identity(issuer="https://idp", subject="alice", key="abc", expires_at=0, claims={})
 GRANT = Grant("free", "*", 1, (BucketSpec("{abc}:free:s", "s", 10, 5),))
-M = DecisionMaker(Settings())
+M = Answers(Settings())
 
 
 def state(name: str, remaining: float, reset: float, retry: float = 0.0) -> BucketState:
@@ -72,7 +72,7 @@ def test_forbidden_and_blocked() -> None:
 def test_store_failure_policies() -> None:
     deny = M.store_failed(ID, GRANT)
     assert deny.status == 503 and not deny.allowed and deny.outcome is Outcome.BACKEND_ERROR
-    allow = DecisionMaker(Settings(store=StoreSettings(on_error="allow"))).store_failed(ID, GRANT)
+    allow = Answers(Settings(store=StoreSettings(on_error="allow"))).store_failed(ID, GRANT)
     assert allow.allowed and dict(allow.upstream_headers)["x-authz-degraded"] == "store-unavailable"
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from authz.errors import ConfigError
 from authz.quota import Grant, Refusal, Resolver, load_quota, parse_quota
-from authz.tokens.base import Identity
+from authz.tokens.identity import Identity
 
 QUOTA = """
 plan_claim: tier

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from authz.config.loader import parse_settings
+from authz.config.service_file import parse_settings
 from authz.config.settings import Settings
 from authz.quota.loader import parse_quota
 from authz.quota.model import Quota

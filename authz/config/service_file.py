@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigError, InvalidValue
 from ..jwa import ASYMMETRIC_ALGORITHMS
-from .reader import Node, load_yaml
 from .redis_url import parse_redis_url
 from .settings import (
     AuthSettings,
@@ -28,6 +27,7 @@ from .settings import (
     StoreSettings,
     TelemetrySettings,
 )
+from .yaml_reader import Node, load_yaml
 
 # Reserved for the development signer (authz.tokens.devsigner). Refusing it in every config
 # file is what guarantees the dev signer can only be switched on by `--dev` / `authz demo`.

@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..errors import StoreError
-from .base import BucketSpec, BucketStore, ChargeResult
+from .store import BucketSpec, BucketStore, ChargeResult
 
 Observer = Callable[[float, bool, str], None]  # (seconds, ok, error_type)
 
 
-class ObservedStore:
+class MeteredStore:
     def __init__(self, inner: BucketStore, observe: Observer) -> None:
         self.inner = inner
         self._observe = observe

@@ -11,7 +11,6 @@ locustfile and bench.py read it back with `World.load`.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import random
 import struct
@@ -22,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy.service.auth.v3 import external_auth_pb2
+
+from authz.tokens.signer import Signer as TokenSigner
 
 ISSUER = "https://issuer.loadtest.example/"
 AUDIENCE = "ml-inference-api"
@@ -61,99 +61,56 @@ plans:
 MODELS = ("llama-3-8b", "mistral-7b", "resnet-50", "bert-base", "whisper-small")
 
 
-def _b64url_uint(n: int) -> str:
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
 def grpc_frame(message: bytes) -> bytes:
     """The gRPC length-prefixed message: 1 byte compressed flag (0) + 4-byte big-endian length."""
     return struct.pack(">BI", 0, len(message)) + message
 
 
-class Signer:
+class Signer(TokenSigner):
     """Mints RS256 tokens the way an identity provider would (plus deliberately bad ones)."""
 
     def __init__(self, private_key: rsa.RSAPrivateKey, kid: str = KID) -> None:
-        self.key = private_key
-        self.kid = kid
+        super().__init__(ISSUER, private_key, kid=kid)
         # A second key under the SAME kid: its tokens parse and name a known key, but the
         # signature does not verify.
         self._impostor: rsa.RSAPrivateKey | None = None
 
     @classmethod
-    def generate(cls) -> Signer:
+    def generate(cls) -> Signer:  # type: ignore[override]
         return cls(rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
     @classmethod
-    def from_pem(cls, pem: bytes) -> Signer:
+    def from_pem(cls, pem: bytes) -> Signer:  # type: ignore[override]
         key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError("load-test signing key must be RSA")
         return cls(key)
 
-    def pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    def jwks(self) -> dict[str, Any]:
-        numbers = self.key.public_key().public_numbers()
-        return {
-            "keys": [
-                {
-                    "kty": "RSA",
-                    "use": "sig",
-                    "alg": "RS256",
-                    "kid": self.kid,
-                    "n": _b64url_uint(numbers.n),
-                    "e": _b64url_uint(numbers.e),
-                }
-            ]
-        }
-
-    def claims(self, subject: str, plan: str, *, lifetime: float = 3600.0) -> dict[str, Any]:
-        now = int(time.time())
+    def population_claims(self, subject: str, plan: str, *,
+                          lifetime: float = 3600.0) -> dict[str, Any]:
         # The extra claims (name, email, scope, ...) are what a real IdP puts in an access
         # token; they bring the token to ~800 bytes, the size hot-path-measurements assumes.
-        return {
-            "iss": ISSUER,
-            "sub": subject,
-            "aud": AUDIENCE,
-            "iat": now,
-            "nbf": now - 5,
-            "exp": int(now + lifetime),
-            "jti": uuid.uuid4().hex,
-            "azp": "inference-portal",
-            "plan": plan,
+        now = int(time.time())
+        return self.claims(subject, plan=plan, ttl=lifetime, extra_claims={
+            "nbf": now - 5, "jti": uuid.uuid4().hex, "azp": "inference-portal",
             "scope": "openid profile email models:predict models:infer",
-            "email": f"{subject}@customers.example.com",
-        }
+            "email": f"{subject}@customers.example.com"})
 
     def token(self, subject: str, plan: str, *, lifetime: float = 3600.0) -> str:
-        return jwt.encode(
-            self.claims(subject, plan, lifetime=lifetime),
-            self.key,
-            algorithm="RS256",
-            headers={"kid": self.kid},
-        )
+        return self.sign(self.population_claims(subject, plan, lifetime=lifetime))
 
     def expired_token(self, subject: str, plan: str) -> str:
-        return jwt.encode(
-            self.claims(subject, plan, lifetime=-600.0), self.key, "RS256", {"kid": self.kid}
-        )
+        return self.sign(self.population_claims(subject, plan, lifetime=-600.0))
 
     def wrong_audience_token(self, subject: str, plan: str) -> str:
-        claims = self.claims(subject, plan)
+        claims = self.population_claims(subject, plan)
         claims["aud"] = "some-other-api"
-        return jwt.encode(claims, self.key, "RS256", {"kid": self.kid})
+        return self.sign(claims)
 
     def bad_signature_token(self, subject: str, plan: str) -> str:
         if self._impostor is None:
             self._impostor = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        return jwt.encode(self.claims(subject, plan), self._impostor, "RS256", {"kid": self.kid})
+        return self.sign(self.population_claims(subject, plan), key=self._impostor)
 
 
 # Kinds of invalid credentials sent by the "invalid" share of the population, each a 401.
@@ -310,7 +267,7 @@ def write_world(
     signer = signer or Signer.generate()
     world.key_file.write_bytes(signer.pem())
     world.key_file.chmod(0o600)
-    world.jwks_file.write_text(json.dumps(signer.jwks(), indent=2) + "\n")
+    world.jwks_file.write_text(json.dumps(signer.jwks, indent=2) + "\n")
     world.quota_file.write_text(QUOTA_YAML)
     world.write_config(world.config_file, grpc_port=grpc_port, redis_url=redis_url)
     return world

@@ -8,21 +8,21 @@ workers is measured as a whole.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import redis
 
+from authz.demo.processes import ManagedProcess, free_port
+from authz.errors import ProcessError
+
 REPO = Path(__file__).resolve().parents[1]
 # Our own redis-server on a free port, never the system one on 6379 (same variable as the tests).
 REDIS_SERVER = os.environ.get("AUTHZ_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 
 
-class ProcError(RuntimeError):
-    """A child process did not start or died; the message carries the end of its log."""
+ProcError = ProcessError  # a child process did not start or died (authz.errors)
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -77,69 +77,19 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now (another process may still take it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Proc:
-    """A child process (own session, log file); stopped with SIGTERM then SIGKILL."""
+class Proc(ManagedProcess):
+    """A benchmark child: optionally pinned to `cpu` (taskset), run from the repository, with
+    no AUTHZ_* / OTEL_* settings leaking in from the caller's environment."""
 
     def __init__(self, name: str, argv: Sequence[str], log_dir: Path, cpu: str | None,
                  env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.env = dict(env or {})
-        self.argv = (["taskset", "-c", cpu] if cpu is not None else []) + list(argv)
-        self.log_path = log_dir / f"{name}.log"
-        self.popen: subprocess.Popen[bytes] | None = None
-        self._terminated = False
-
-    def start(self) -> Proc:
-        with open(self.log_path, "ab") as out:
-            self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=REPO, start_new_session=True,
-                env={**{k: v for k, v in os.environ.items()
-                        if not k.startswith(("AUTHZ_", "OTEL_"))}, **self.env},
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def check_alive(self) -> None:
-        if self.popen is not None and self.popen.poll() is not None:
-            raise ProcError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("AUTHZ_", "OTEL_"))}
+        super().__init__(name, (["taskset", "-c", cpu] if cpu is not None else []) + list(argv),
+                         log_dir=log_dir, env={**inherited, **(env or {})}, cwd=REPO)
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def terminate(self) -> None:
-        """SIGTERM without waiting (stop() then waits)."""
-        if self.popen is not None and self.popen.poll() is None and not self._terminated:
-            self.popen.terminate()
-            self._terminated = True
-
-    def stop(self) -> None:
-        # One SIGTERM only: the service treats a second signal as "exit now, skip the drain".
-        self.terminate()
-        p, self.popen = self.popen, None
-        self._terminated = False
-        if p is None or p.poll() is not None:
-            return
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        return self.log_tail(lines)
 
 
 def stop_all(procs: Sequence[Proc]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from redis.asyncio.connection import parse_url
 
 from ..errors import InvalidValue
+from ..redact import redact_url as _redact
 
 DEFAULT_PORT = 6379
 _TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
@@ -99,16 +100,3 @@ def _tls_context(url: str, kwargs: dict[str, Any]) -> ssl.SSLContext:
     ctx.check_hostname = bool(check_hostname) and reqs_name != "none"
     ctx.verify_mode = _CERT_REQS[reqs_name]
     return ctx
-
-
-def _redact(url: str) -> str:
-    """The URL with any password replaced, for error messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    if "password=" in tail:
-        tail = tail.split("password=")[0] + "password=***"
-    return f"{scheme}{sep}{netloc}{slash}{tail}"

@@ -18,6 +18,7 @@ from ..errors import ConfigError, InvalidValue
 from ..jwa import ASYMMETRIC_ALGORITHMS
 from .redis_url import parse_redis_url
 from .settings import (
+    DEV_ISSUER,
     AuthSettings,
     HeaderSettings,
     IssuerSettings,
@@ -28,10 +29,6 @@ from .settings import (
     TelemetrySettings,
 )
 from .yaml_reader import Node, load_yaml
-
-# Reserved for the development signer (authz.tokens.devsigner). Refusing it in every config
-# file is what guarantees the dev signer can only be switched on by `--dev` / `authz demo`.
-DEV_ISSUER = "urn:authz:dev"
 
 # Symmetric HS* algorithms are never accepted: a shared secret cannot be published in a JWKS,
 # and accepting HS* is how tokens "signed" with an issuer's public key get through.

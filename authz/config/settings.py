@@ -11,6 +11,11 @@ from typing import Literal
 
 from ..jwa import ASYMMETRIC_ALGORITHMS
 
+# The development signer's issuer (authz/tokens/devsigner.py). Reserved: the config loader
+# refuses it in every config file, which is what guarantees the dev signer can only be
+# switched on by `--dev` / `authz demo`.
+DEV_ISSUER = "urn:authz:dev"
+
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:

@@ -81,18 +81,24 @@ class ManagedProcess:
         self.cwd = cwd
         self.log_path = log_dir / f"{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._terminated = False
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def popen(self) -> subprocess.Popen[bytes] | None:
+        return self._proc
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> None:
+    def start(self) -> ManagedProcess:
         if self.running:
-            return
+            return self
+        self._terminated = False
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self.argv,
@@ -106,6 +112,7 @@ class ManagedProcess:
                 start_new_session=True,
                 preexec_fn=_terminate_with_parent if self.die_with_parent else None,
             )
+        return self
 
     def check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
@@ -117,13 +124,22 @@ class ManagedProcess:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(sig)
 
+    def terminate(self) -> None:
+        """SIGTERM once, without waiting (stop() then waits). Several processes told at once
+        drain together."""
+        if self._proc is not None and self._proc.poll() is None and not self._terminated:
+            self._proc.send_signal(signal.SIGCONT)
+            self._proc.terminate()
+            self._terminated = True
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM, wait, then SIGKILL. Idempotent; also resumes a SIGSTOPped child."""
+        """SIGTERM (once only: the service takes a second signal as "exit now, skip the
+        drain"), wait, then SIGKILL. Idempotent; also resumes a SIGSTOPped child."""
+        self.terminate()
         proc, self._proc = self._proc, None
+        self._terminated = False
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

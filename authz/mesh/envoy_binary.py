@@ -14,9 +14,7 @@ from pathlib import Path
 from ..errors import EnvoyNotFound
 
 ENV_VAR = "ENVOY_BIN"
-# Repository root: authz/mesh/envoy_binary.py -> parents[2].
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-TOOLS_VENV = _REPO_ROOT / ".tools" / "envoy"
+TOOLS_DIR = Path(".tools") / "envoy"
 # scripts/envoy/install.sh does this (pinned version, idempotent).
 INSTALL_HINT = (
     "bash scripts/envoy/install.sh  (python3 -m venv .tools/envoy && "
@@ -34,17 +32,27 @@ def _usable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
+def _checkout() -> Path | None:
+    """The source checkout this module runs from (an editable install), if it is one; an
+    installed wheel lives in site-packages and has none."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "authz").is_dir() else None
+
+
 def find_envoy() -> Path:
-    """Return the Envoy binary: $ENVOY_BIN, else .tools/envoy's, else `envoy` on PATH."""
+    """The Envoy binary: $ENVOY_BIN; else `.tools/envoy` of the current directory (a clone)
+    or of the checkout this module runs from; else `envoy` on PATH."""
     explicit = os.environ.get(ENV_VAR, "").strip()
     if explicit:
         path = Path(explicit)
         if not _usable(path):
             raise EnvoyNotFound(f"{ENV_VAR}={explicit!r} is not an executable file")
         return path
-    # The checkout this module lives in (editable install), then the current directory's (a
-    # regular install run from a clone).
-    for venv in (TOOLS_VENV, Path.cwd() / ".tools" / "envoy"):
+    roots = [Path.cwd()]
+    checkout = _checkout()
+    if checkout is not None:
+        roots.append(checkout)
+    for venv in (root / TOOLS_DIR for root in roots):
         for candidate in _venv_binaries(venv):
             if _usable(candidate):
                 return candidate
@@ -52,6 +60,6 @@ def find_envoy() -> Path:
     if on_path:
         return Path(on_path)
     raise EnvoyNotFound(
-        "no Envoy binary found: set ENVOY_BIN to one, or install it from the repository root "
-        f"with: {INSTALL_HINT}"
+        "no Envoy binary found: set ENVOY_BIN to one, put `envoy` on PATH, or install it into "
+        f"./.tools/envoy with: {INSTALL_HINT}"
     )

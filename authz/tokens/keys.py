@@ -37,6 +37,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from authz.errors import KeySourceError
 from authz.jwa import ASYMMETRIC_ALGORITHMS
+from authz.redact import redact_url as _redact_url
 
 logger = logging.getLogger(__name__)
 # A no-op tracer until authz.telemetry installs a TracerProvider.
@@ -255,13 +256,7 @@ def parse_pem(data: bytes, origin: str) -> KeySet:
 
 def redact_url(url: str) -> str:
     """The URL without user:password, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return _redact_url(url, drop_userinfo=True)
 
 
 class KeySource:

@@ -344,13 +344,16 @@ class Authenticator:
             authorization.startswith("Bearer ") or authorization[:_SCHEME_LEN].lower() == _SCHEME
         ):
             return None
-        key = _token_digest(authorization[_SCHEME_LEN:])
-        identity = self._cache.get(key)
+        return self._cached(_token_digest(authorization[_SCHEME_LEN:]))
+
+    def _cached(self, digest: bytes) -> Identity | None:
+        """The cache's identity for a token digest, if it has not expired (counted as a hit)."""
+        identity = self._cache.get(digest)
         if identity is None:
             return None
         # No leeway here: an entry lives no longer than the token's exp.
         if identity.expires_at <= self._clock():
-            self._cache.pop(key, None)
+            self._cache.pop(digest, None)
             return None
         self.cache_hits += 1
         return identity
@@ -364,12 +367,9 @@ class Authenticator:
             if isinstance(token, TokenFailure):
                 return token
             digest = _token_digest(token)
-            identity = self._cache.get(digest)
+            identity = self._cached(digest)
             if identity is not None:
-                if identity.expires_at > self._clock():
-                    self.cache_hits += 1
-                    return identity
-                self._cache.pop(digest, None)
+                return identity
             self.cache_misses += 1
             result = self._verify(token, refetch_allowed=True)
             if isinstance(result, _Refetch):

@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 
 from authz.demo.processes import (
     EnvoyProcess,
@@ -35,6 +33,7 @@ from authz.demo.processes import (
 )
 from authz.demo.upstream import ModelStandIn
 from authz.mesh.sidecar import SidecarSpec, write
+from authz.tokens.signer import Signer
 
 REDIS_SERVER = "/usr/bin/redis-server"
 ISSUER = "https://issuer.e2e.test"
@@ -56,38 +55,17 @@ QUOTA: dict[str, Any] = {
 BURST = 3
 
 
-class Keys:
+class Keys(Signer):
     """An RSA issuer: its JWKS file for the service, and tokens signed with its key."""
 
     def __init__(self, directory: Path, issuer: str = ISSUER, kid: str = "e2e-1") -> None:
-        self.issuer = issuer
-        self.kid = kid
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(RSAAlgorithm.to_jwk(self._key.public_key()))
-        jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
+        super().__init__(issuer, Signer.generate(issuer, kid=kid).key, kid=kid)
         self.jwks_file = directory / "jwks.json"
-        self.jwks_file.write_text(json.dumps({"keys": [jwk]}))
+        self.jwks_file.write_text(json.dumps(self.jwks))
 
-    def token(
-        self,
-        sub: str,
-        *,
-        plan: str | None = None,
-        ttl: float = 300,
-        audience: str = AUDIENCE,
-        key: rsa.RSAPrivateKey | None = None,
-    ) -> str:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": self.issuer,
-            "sub": sub,
-            "aud": audience,
-            "iat": now,
-            "exp": now + int(ttl),
-        }
-        if plan is not None:
-            claims["plan"] = plan
-        return jwt.encode(claims, key or self._key, algorithm="RS256", headers={"kid": self.kid})
+    def token(self, sub: str, *, plan: str | None = None, ttl: float = 300,
+              audience: str = AUDIENCE, key: rsa.RSAPrivateKey | None = None) -> str:
+        return self.mint(sub, plan=plan, ttl=ttl, audience=audience, key=key)
 
     def forged_token(self, sub: str) -> str:
         """Same kid and claims, signed by a key the service does not know."""

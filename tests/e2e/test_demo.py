@@ -44,19 +44,61 @@ def _commands(text: str) -> dict[str, str]:
     return out
 
 
-def test_demo_prints_working_curl_lines_and_stops_cleanly(envoy_bin: Path, tmp_path: Path) -> None:
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project built as a wheel and installed with its `demo` extra into a fresh venv,
+    as a user installs it: no source tree, no .tools next to it. Returns the venv."""
+    root = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root),
+                    str(REPO)], check=True, timeout=300)
+    [wheel] = root.glob("authz-*.whl")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"{wheel}[demo]"], check=True, timeout=600)
+    # What `make install` does too: xds-protos overwrites opentelemetry-proto's files.
+    from importlib.metadata import version
+
+    subprocess.run([*pip, "--force-reinstall", "--no-deps",
+                    f"opentelemetry-proto=={version('opentelemetry-proto')}"],
+                   check=True, timeout=300)
+    return venv
+
+
+@pytest.mark.parametrize("install", ["checkout", "wheel"])
+def test_demo_prints_working_curl_lines_and_stops_cleanly(
+        envoy_bin: Path, tmp_path: Path, install: str,
+        request: pytest.FixtureRequest) -> None:
     # The demo's instructions are curl lines: run them as a user would (make test installs it).
     assert shutil.which("curl"), "curl is missing (scripts/install-test-tools.sh installs it)"
     port = free_port()
     log = tmp_path / "demo.out"
-    env = clean_env({"ENVOY_BIN": str(envoy_bin), "PYTHONUNBUFFERED": "1"})
+    if install == "checkout":
+        command = [sys.executable, "-m", "authz"]
+        env = clean_env({"ENVOY_BIN": str(envoy_bin), "PYTHONUNBUFFERED": "1"})
+        cwd = None
+    else:
+        # From the wheel, run elsewhere: Envoy is found on PATH, nothing from this checkout.
+        venv: Path = request.getfixturevalue("installed_wheel")
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "envoy").symlink_to(envoy_bin)
+        command = [str(venv / "bin" / "authz")]
+        env = {k: v for k, v in clean_env({"PYTHONUNBUFFERED": "1"}).items()
+               if k not in ("ENVOY_BIN", "PYTHONPATH", "VIRTUAL_ENV")}
+        env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
+        cwd = tmp_path
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "authz", "demo", "--http-port", str(port)],
+            [*command, "demo", "--http-port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
         )
     try:
         token = _wait_for_token(log, proc)

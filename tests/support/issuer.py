@@ -1,30 +1,25 @@
-"""A test identity provider: an RSA key, its JWKS file, and tokens signed with it."""
+"""A test identity provider: an RSA key, its JWKS file, and tokens signed with it
+(authz.tokens.signer.Signer, the project's one token minter)."""
 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
+from authz.tokens.signer import DEFAULT_AUDIENCE, Signer
 
-AUDIENCE = "ml-inference-api"
+AUDIENCE = DEFAULT_AUDIENCE
 
 
-class TestIssuer:
+class TestIssuer(Signer):
     __test__ = False  # not a pytest class
 
     def __init__(self, directory: Path, name: str = "https://idp.test", kid: str = "k1") -> None:
+        generated = Signer.generate(name, kid=kid)
+        super().__init__(name, generated.key, kid=kid)
         self.name = name
-        self.kid = kid
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk: dict[str, Any] = RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
-        jwk.update(kid=kid, use="sig", alg="RS256")
-        self.jwks = {"keys": [jwk]}
         directory.mkdir(parents=True, exist_ok=True)
         self.jwks_file = directory / f"jwks-{uuid.uuid4().hex[:8]}.json"
         self.jwks_file.write_text(json.dumps(self.jwks))
@@ -33,12 +28,9 @@ class TestIssuer:
         """This issuer as a config-file entry."""
         return {"issuer": self.name, "jwks_file": str(self.jwks_file), "algorithms": ["RS256"]}
 
-    def mint(self, sub: str = "alice", *, ttl: float = 3600, audience: Any = AUDIENCE,
-             headers: dict[str, Any] | None = None, key: Any = None, **claims: Any) -> str:
-        now = int(time.time())
-        payload: dict[str, Any] = {"iss": self.name, "sub": sub, "aud": audience,
-                                   "iat": now, "exp": now + int(ttl)}
-        payload.update(claims)
-        payload = {k: v for k, v in payload.items() if v is not None}
-        return jwt.encode(payload, key or self.key, algorithm="RS256",
-                          headers={"kid": self.kid, **(headers or {})})
+    def mint(self, sub: str = "alice", *, ttl: float = 3600,  # type: ignore[override]
+             audience: Any = AUDIENCE, headers: dict[str, Any] | None = None, key: Any = None,
+             **claims: Any) -> str:
+        """Extra claims as keywords (plan="pro", nbf=None to drop one)."""
+        return self.sign(self.claims(sub, ttl=ttl, audience=audience, extra_claims=claims),
+                         key=key, headers=headers)

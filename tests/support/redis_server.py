@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,19 +19,15 @@ from types import TracebackType
 
 import redis
 
+from authz.demo.processes import free_port
+
+__all__ = ["RedisServer", "free_port", "write_certificates"]
+
 REDIS_SERVER = os.environ.get("AUTHZ_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 
 # A redis-server starts in ~10 ms here; 10 s tolerates a loaded CI machine.
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 5.0
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:

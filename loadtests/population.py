@@ -89,7 +89,8 @@ class Signer(TokenSigner):
     def population_claims(self, subject: str, plan: str, *,
                           lifetime: float = 3600.0) -> dict[str, Any]:
         # The extra claims (name, email, scope, ...) are what a real IdP puts in an access
-        # token; they bring the token to ~800 bytes, the size hot-path-measurements assumes.
+        # token; they bring the token to ~800 bytes, the size the benchmarks assume
+        # (loadtests/README.md).
         now = int(time.time())
         return self.claims(subject, plan=plan, ttl=lifetime, extra_claims={
             "nbf": now - 5, "jti": uuid.uuid4().hex, "azp": "inference-portal",

@@ -1,9 +1,9 @@
 """Client CPU per decision: the project's RESP transport against redis-py's own pipeline.
 
-Issue 12 asks whether redis-py (which already implements cluster routing and sentinel
-discovery) can carry the hot path. Measured here in one run, on the same redis-server, with
-the same two-bucket EVALSHA per decision and the same coalescing (every charge made during
-one loop tick goes out in one write):
+Whether redis-py (which already implements cluster routing and sentinel discovery) could carry
+the hot path instead of the project's own transport. Measured here in one run, on the same
+redis-server, with the same two-bucket EVALSHA per decision and the same coalescing (every
+charge made during one loop tick goes out in one write):
 
 - `RedisBucketStore` (authz/buckets): the hand-written transport.
 - `redis-py pipeline`: redis.asyncio with hiredis, each loop tick's charges sent as one

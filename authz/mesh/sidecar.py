@@ -22,7 +22,8 @@ static so the file runs by hand: `envoy -c envoy.yaml`.
 
 The messages are built from `envoy-data-plane`'s typed classes, so a misspelled field or a wrong
 type fails when the config is built, not when Envoy loads it. That library is far too slow for the
-request path (see docs); it is only used here, offline.
+request path (its betterproto2 codec parses a CheckRequest ~185x slower than the upb classes the
+server uses: proto/README.md); it is only used here, offline.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Decision -> envoy.service.auth.v3.CheckResponse (upb protobuf classes from xds-protos).
 
-Envoy semantics this relies on (verified on Envoy 1.40, see README "How Envoy uses the answer"):
+Envoy semantics this relies on (verified on Envoy 1.40; docs/envoy-contract.md, tests/e2e):
 - `status.code == 0` allows; any other code denies with `denied_response.status` as the HTTP
   status (UNAUTHENTICATED alone would still be a 403).
 - `ok_response.headers` with `append: false` overwrite the request's copies (anti-spoofing).

@@ -19,6 +19,7 @@ log = logging.getLogger("authz")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="authz", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"authz {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the Envoy ext_authz gRPC service")
@@ -70,6 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"authz: {prefix}{line}", file=sys.stderr)
         return 1 if args.command == "check-config" else EXIT_STARTUP
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("authz")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
 
 
 def _configure_logging(settings: Settings) -> None:

@@ -374,3 +374,11 @@ def test_sighup_to_the_supervisor_reaches_every_worker(tmp_path: Path, issuer: T
     assert child_pids(p.p.pid) == children  # the same workers, still running
     p.p.send_signal(signal.SIGTERM)
     assert p.p.wait(timeout=20) == 0
+
+
+def test_version_is_the_package_version() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"authz {pyproject['project']['version']}"

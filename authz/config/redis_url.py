@@ -100,3 +100,12 @@ def _tls_context(url: str, kwargs: dict[str, Any]) -> ssl.SSLContext:
     ctx.check_hostname = bool(check_hostname) and reqs_name != "none"
     ctx.verify_mode = _CERT_REQS[reqs_name]
     return ctx
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """"host:port" (a cluster seed, a sentinel; "[::1]:6379" for IPv6) -> (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidValue(f"expected host:port, got {text!r}")
+    return host, int(port)

@@ -10,12 +10,15 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from opentelemetry import trace
 
 from authz.config.settings import Settings
+
+if TYPE_CHECKING:
+    from authz.telemetry.setup import Telemetry
 
 MASK = "***"
 # Setting names whose values are secrets wherever they appear.
@@ -193,7 +196,7 @@ def masked(value: Any, key: str = "") -> Any:
 
 
 def log_effective_config(
-    settings: Settings, telemetry: Any = None, logger: logging.Logger | None = None
+    settings: Settings, telemetry: Telemetry | None = None, logger: logging.Logger | None = None
 ) -> None:
     """One INFO line with the effective settings (and telemetry setup), secrets masked."""
     log = logger or logging.getLogger("authz.config")

@@ -105,7 +105,7 @@ class RedisStoreStats:
 class _Batch:
     __slots__ = ("failed", "outstanding", "span", "started")
 
-    def __init__(self, span: Span, outstanding: int) -> None:
+    def __init__(self, span: Span | None, outstanding: int) -> None:
         self.span = span
         self.outstanding = outstanding
         self.started = time.perf_counter()
@@ -124,9 +124,8 @@ class _Call:
         self.batch: _Batch | None = None
         self.generation = 0  # script generation when sent (see _on_reply)
         self.retries = 0
-        # The caller's recording span, when tracing: the batch's span links to every caller.
-        # The span object, not its context: asking a deferred span for its context works it
-        # out on the spot (authz/telemetry/spans.py), which only a shared write needs.
+        # The caller's recording span, when tracing: the batch's span links to every other
+        # caller (see _flush).
         self.trace: Span | None = None
 
 
@@ -182,8 +181,8 @@ class RedisBucketStore:
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  tracer: trace.Tracer | None = None) -> None:
         self._settings = settings
-        # Starts the "redis.charge" span of each write (Telemetry.tracer: the deferred
-        # check-path tracer when tracing is on).
+        # Starts the "redis.charge" span of each write (the server passes Telemetry.tracer:
+        # the SDK tracer of its provider, when tracing is on).
         self.tracer = tracer if tracer is not None else _default_tracer
         self._prefix = settings.key_prefix
         self._timeout = settings.timeout
@@ -342,11 +341,16 @@ class RedisBucketStore:
             # check in the batch, so each check's trace leads to the Redis call that answered it.
             # Usually the batch is that one check alone: no links (a Link costs ~2 us).
             parent = trace.get_current_span()
-            links = [Link(c.trace.get_span_context()) for c in calls
-                     if c.trace is not None and c.trace is not parent]
-            span = self.tracer.start_span("redis.charge", kind=SpanKind.CLIENT, attributes={
-                "db.system": "redis", "db.operation.name": "EVALSHA",
-                "db.operation.batch.size": len(calls)}, links=links or None)
+            span: Span | None = None
+            traced = [c.trace for c in calls if c.trace is not None]
+            # No span when every check in the write is in a trace nobody records (callers that
+            # are not sampled, ~99% of a mesh's requests): it could only be their unrecorded
+            # child. Outside any check (no parent at all) the write is its own root span.
+            if traced or not parent.get_span_context().is_valid:
+                links = [Link(t.get_span_context()) for t in traced if t is not parent]
+                span = self.tracer.start_span("redis.charge", kind=SpanKind.CLIENT, attributes={
+                    "db.system": "redis", "db.operation.name": "EVALSHA",
+                    "db.operation.batch.size": len(calls)}, links=links or None)
             batch = _Batch(span, len(calls))
             for call in calls:
                 call.batch = batch
@@ -399,9 +403,11 @@ class RedisBucketStore:
         batch.outstanding -= 1
         if batch.outstanding == 0:
             self.stats.batch_seconds += time.perf_counter() - batch.started
-            if batch.failed:
-                batch.span.set_status(StatusCode.ERROR)
-            batch.span.end()
+            span = batch.span
+            if span is not None:
+                if batch.failed:
+                    span.set_status(StatusCode.ERROR)
+                span.end()
 
     def _drop(self, link: _Link, error: StoreError) -> None:
         """Abandon a connection: its replies can no longer be trusted to match our calls."""

@@ -16,7 +16,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
@@ -37,6 +37,9 @@ from ..quota.resolve import Resolver
 from ..tokens.verifier import Authenticator
 from .service import AuthorizationService, Decider, Readiness
 
+if TYPE_CHECKING:
+    from ..telemetry.protocol import CheckTelemetry
+
 log = logging.getLogger(__name__)
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
@@ -50,7 +53,7 @@ class StartupError(Exception):
     """The process cannot serve with this configuration; the message says why."""
 
 
-def build_store(settings: Settings, telemetry: Any = None) -> BucketStore:
+def build_store(settings: Settings, telemetry: CheckTelemetry | None = None) -> BucketStore:
     """Redis (or in-memory) store, observed by telemetry, behind the local deny cache."""
     inner: BucketStore
     if settings.store.redis_url:
@@ -76,7 +79,8 @@ class Components:
 
 def build_components(settings: Settings, quota: Quota, *,
                      static_issuers: Mapping[str, Any] | None = None,
-                     store: BucketStore | None = None, telemetry: Any = None) -> Components:
+                     store: BucketStore | None = None,
+                     telemetry: CheckTelemetry | None = None) -> Components:
     authenticator = Authenticator(settings.auth, static_issuers=dict(static_issuers or {}))
     store = store if store is not None else build_store(settings, telemetry)
     if telemetry is not None:
@@ -99,7 +103,7 @@ class Server:
 
     def __init__(self, settings: Settings, quota: Quota, *,
                  static_issuers: Mapping[str, Any] | None = None,
-                 telemetry: Any = None, store: BucketStore | None = None) -> None:
+                 telemetry: CheckTelemetry | None = None, store: BucketStore | None = None) -> None:
         self.settings = settings
         self.telemetry = telemetry
         self.components = build_components(settings, quota, static_issuers=static_issuers,
@@ -243,7 +247,7 @@ class Server:
 
 async def serve(settings: Settings, quota: Quota, *,
                 static_issuers: Mapping[str, Any] | None = None,
-                telemetry: Any = None,
+                telemetry: CheckTelemetry | None = None,
                 on_serving: Callable[[Server], None] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit status."""
     loop = asyncio.get_running_loop()

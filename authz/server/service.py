@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
@@ -22,6 +22,9 @@ from ..quota.resolve import Refusal, Resolver
 from ..tokens.base import TokenFailure
 from ..tokens.verifier import Authenticator
 from .responses import ResponseCache, to_check_response
+
+if TYPE_CHECKING:
+    from ..telemetry.protocol import CheckTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ class Decider:
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, decider: Decider, telemetry: Any = None) -> None:
+    def __init__(self, decider: Decider, telemetry: CheckTelemetry | None = None) -> None:
         self.decider = decider
         self.telemetry = telemetry
         self.responses = ResponseCache()

@@ -48,12 +48,13 @@ In the Check handler::
   loadtests/telemetry_overhead.py and README "Observability"; exporting a span over OTLP adds
   ~70-90 us in the export thread, so sample (the default parent-based sampler follows Envoy's
   decision).
+- The server is typed against `authz.telemetry.protocol.CheckTelemetry`, the calls above.
 
 Modules: `config` (OTEL_* -> TelemetryConfig), `setup` (Telemetry: providers, readers,
 exporters), `check` (the per-check scope: span, decision counts, deny line), `metrics`
 (instruments), `propagation` (trace headers -> the caller's context), `logs` (JSON lines, the
 effective configuration), `aggregate` (one scrape endpoint for several workers), `exporters`
-(authz_discard).
+(authz_discard), `protocol` (CheckTelemetry).
 
 Several worker processes (`--workers N`): the supervisor serves `server.metrics_port` with
 `authz.telemetry.aggregate.MetricsAggregator(host, metrics_port, worker_targets(metrics_port,
@@ -72,6 +73,7 @@ from authz.telemetry.check import RPC_ATTRIBUTES, SPAN_NAME, CheckScope
 from authz.telemetry.config import TelemetryConfig, TelemetryConfigError
 from authz.telemetry.logs import JsonFormatter, configure_logging, log_effective_config
 from authz.telemetry.metrics import LATENCY_BUCKETS
+from authz.telemetry.protocol import CheckTelemetry
 from authz.telemetry.setup import Telemetry
 
 __all__ = [
@@ -79,6 +81,7 @@ __all__ = [
     "RPC_ATTRIBUTES",
     "SPAN_NAME",
     "CheckScope",
+    "CheckTelemetry",
     "JsonFormatter",
     "Telemetry",
     "TelemetryConfig",

@@ -32,6 +32,11 @@ AUDIENCE = "ml-inference-api"
 KID = "loadtest-rs256-1"
 HOST = "inference.example.com"
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+# The W3C trace header an Istio sidecar adds, sampled flag set (`-01`). `UNSAMPLED_TRACEPARENT`
+# is the same caller saying "not sampled" (`-00`): what ~99% of a mesh's requests carry at the
+# usual 1% sampling.
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+UNSAMPLED_TRACEPARENT = TRACEPARENT[:-2] + "00"
 
 # Plans: `free` and `pro` follow the README example; `bench` has limits high enough that a
 # benchmark never runs out (every check is a full allow that charges two buckets in the store);
@@ -89,8 +94,8 @@ class Signer(TokenSigner):
     def population_claims(self, subject: str, plan: str, *,
                           lifetime: float = 3600.0) -> dict[str, Any]:
         # The extra claims (name, email, scope, ...) are what a real IdP puts in an access
-        # token; they bring the token to ~800 bytes, the size the benchmarks assume
-        # (loadtests/README.md).
+        # token; they bring the token to ~850 bytes, as large as real ones (the bench
+        # request).
         now = int(time.time())
         return self.claims(subject, plan=plan, ttl=lifetime, extra_claims={
             "nbf": now - 5, "jti": uuid.uuid4().hex, "azp": "inference-portal",
@@ -139,6 +144,7 @@ def check_request(
     path: str = "/v1/models/llama-3-8b:predict",
     method: str = "POST",
     request_id: str | None = None,
+    traceparent: str = TRACEPARENT,
 ) -> external_auth_pb2.CheckRequest:
     """A CheckRequest shaped like the ones an Istio sidecar sends (see envoy-istio-contract)."""
     rid = request_id or str(uuid.uuid4())
@@ -156,7 +162,7 @@ def check_request(
         "x-forwarded-proto": "https",
         "x-forwarded-for": "203.0.113.24",
         "x-envoy-attempt-count": "1",
-        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "traceparent": traceparent,
     }
     if authorization is not None:
         headers["authorization"] = authorization

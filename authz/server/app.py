@@ -17,7 +17,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
@@ -40,13 +40,16 @@ from ..quota.resolve import Resolver
 from ..tokens.verifier import Authenticator
 from .service import AuthorizationService
 
+if TYPE_CHECKING:
+    from ..telemetry.protocol import CheckTelemetry
+
 log = logging.getLogger(__name__)
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 LIVENESS_SERVICE = "liveness"
 
 
-def build_store(settings: Settings, telemetry: Any = None) -> BucketStore:
+def build_store(settings: Settings, telemetry: CheckTelemetry | None = None) -> BucketStore:
     """Redis (or in-memory) store, observed by telemetry, behind the local deny cache."""
     inner: BucketStore
     if settings.store.redis_url:
@@ -73,7 +76,8 @@ class Components:
 
 def build_components(settings: Settings, quota: Quota, *,
                      static_issuers: Mapping[str, Any] | None = None,
-                     store: BucketStore | None = None, telemetry: Any = None) -> Components:
+                     store: BucketStore | None = None,
+                     telemetry: CheckTelemetry | None = None) -> Components:
     authenticator = Authenticator(settings.auth, static_issuers=dict(static_issuers or {}))
     store = store if store is not None else build_store(settings, telemetry)
     if telemetry is not None:
@@ -93,7 +97,7 @@ class Server:
 
     def __init__(self, settings: Settings, quota: Quota, *,
                  static_issuers: Mapping[str, Any] | None = None,
-                 telemetry: Any = None, store: BucketStore | None = None,
+                 telemetry: CheckTelemetry | None = None, store: BucketStore | None = None,
                  share_port: bool = False) -> None:
         """`share_port`: bind with SO_REUSEPORT, for the workers of one `--workers N`
         supervisor (which makes sure nobody else holds the port). Otherwise the port is bound
@@ -284,7 +288,7 @@ class Server:
 
 async def serve(settings: Settings, quota: Quota, *,
                 static_issuers: Mapping[str, Any] | None = None,
-                telemetry: Any = None,
+                telemetry: CheckTelemetry | None = None,
                 on_serving: Callable[[Server], None] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit status."""
     loop = asyncio.get_running_loop()

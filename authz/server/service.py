@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
@@ -21,6 +21,9 @@ from ..log_throttle import ThrottledLog
 from ..pipeline import CheckPipeline
 from ..tokens.identity import TokenFailure
 from .responses import ResponseCache, to_check_response
+
+if TYPE_CHECKING:
+    from ..telemetry.protocol import CheckTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def request_headers(http: Any) -> Mapping[str, str]:
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, pipeline: CheckPipeline, telemetry: Any = None) -> None:
+    def __init__(self, pipeline: CheckPipeline, telemetry: CheckTelemetry | None = None) -> None:
         self.pipeline = pipeline
         self.telemetry = telemetry
         self.responses = ResponseCache()

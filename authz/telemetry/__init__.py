@@ -40,13 +40,21 @@ In the Check handler::
   at all (none); never pass the token.
 - Store calls: `telemetry.observe_store_call(seconds, ok, error_type="timeout")` per charge.
   Config reloads: `telemetry.config_reloaded(ok)`.
-- All hot-path methods are for the event-loop thread and never raise. The check span and the
-  store's span are deferred (spans.py): the event loop notes their facts, one export thread
-  parses the trace headers, samples, builds the SDK spans and exports them in batches.
-  Telemetry.tracer(name) gives check-path code (the Redis store) a tracer on that pipeline.
-  CPU per check: see tests/telemetry/bench_overhead.py and README "Observability"; exporting
-  a span over OTLP adds ~70-90 us in the export thread, so sample (the default parent-based
-  sampler follows Envoy's decision).
+- All hot-path methods are for the event-loop thread and never raise. Spans are the SDK's:
+  its tracer starts them, a BatchSpanProcessor exports them on its own thread.
+  `telemetry.tracer(name)` gives check-path code (the Redis store) a tracer of the same
+  provider. With a parent-based sampler (the default) a caller whose trace headers say "not
+  sampled" gets no span at all, only its context made current. CPU per check: see
+  loadtests/telemetry_overhead.py and README "Observability"; exporting a span over OTLP adds
+  ~70-90 us in the export thread, so sample (the default parent-based sampler follows Envoy's
+  decision).
+- The server is typed against `authz.telemetry.protocol.CheckTelemetry`, the calls above.
+
+Modules: `config` (OTEL_* -> TelemetryConfig), `setup` (Telemetry: providers, readers,
+exporters), `check` (the per-check scope: span, decision counts, deny line), `metrics`
+(instruments), `propagation` (trace headers -> the caller's context), `logs` (JSON lines, the
+effective configuration), `aggregate` (one scrape endpoint for several workers), `exporters`
+(authz_discard), `protocol` (CheckTelemetry).
 
 Several worker processes (`--workers N`): the supervisor serves `server.metrics_port` with
 `authz.telemetry.aggregate.MetricsAggregator(host, metrics_port, worker_targets(metrics_port,
@@ -61,16 +69,19 @@ _TRACES_ / _METRICS_ forms), OTEL_TRACES_SAMPLER(_ARG), OTEL_PROPAGATORS, OTEL_B
 OTEL_METRIC_EXPORT_INTERVAL, OTEL_EXPORTER_PROMETHEUS_HOST / _PORT.
 """
 
-from authz.telemetry.api import RPC_ATTRIBUTES, SPAN_NAME, CheckScope, Telemetry
+from authz.telemetry.check import RPC_ATTRIBUTES, SPAN_NAME, CheckScope
 from authz.telemetry.config import TelemetryConfig, TelemetryConfigError
 from authz.telemetry.logs import JsonFormatter, configure_logging, log_effective_config
 from authz.telemetry.metrics import LATENCY_BUCKETS
+from authz.telemetry.protocol import CheckTelemetry
+from authz.telemetry.setup import Telemetry
 
 __all__ = [
     "LATENCY_BUCKETS",
     "RPC_ATTRIBUTES",
     "SPAN_NAME",
     "CheckScope",
+    "CheckTelemetry",
     "JsonFormatter",
     "Telemetry",
     "TelemetryConfig",

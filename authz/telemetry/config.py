@@ -12,9 +12,10 @@ Where we depart from the OpenTelemetry SDK's own defaults, and why:
 - `OTEL_PROPAGATORS` unset means W3C tracecontext and B3 (single and multi header): Istio's Envoy
   forwards one or the other depending on the mesh's tracer. Baggage is not read: nothing here
   uses it.
-Everything the SDK and exporters read themselves (OTEL_TRACES_SAMPLER(_ARG), OTEL_BSP_*,
+Everything the SDK and exporters read themselves (OTEL_TRACES_SAMPLER(_ARG), OTEL_*_LIMIT,
 OTEL_METRIC_EXPORT_INTERVAL, OTEL_EXPORTER_OTLP_HEADERS/TIMEOUT/COMPRESSION/CERTIFICATE,
-OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME) keeps its standard meaning.
+OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME) keeps its standard meaning, and so do OTEL_BSP_*,
+which are checked here and handed to the SDK's BatchSpanProcessor (`QueueSettings`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class TelemetryConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QueueSettings:
-    """The span export queue (spans.py), from OTEL_BSP_*: the batch span processor's
-    variables, with the same meanings and defaults."""
+    """The BatchSpanProcessor's export queue, from OTEL_BSP_* (the SDK's meanings and defaults).
+
+    Read here rather than by the SDK so that a bad value stops startup with the variable's
+    name; the SDK would log it and carry on with its default."""
 
     max_queue_size: int = 2048  # OTEL_BSP_MAX_QUEUE_SIZE
     schedule_delay_s: float = 5.0  # OTEL_BSP_SCHEDULE_DELAY (milliseconds in the variable)

@@ -10,12 +10,15 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from opentelemetry import trace
 
 from authz.config.settings import Settings
+
+if TYPE_CHECKING:
+    from authz.telemetry.setup import Telemetry
 
 MASK = "***"
 # Setting names whose values are secrets wherever they appear.
@@ -98,10 +101,45 @@ def parse_level(name: str, what: str = "telemetry.log_level") -> int:
     return level
 
 
+class RepeatFilter(logging.Filter):
+    """At most one line per `interval` seconds for each message of the OpenTelemetry SDK's own
+    loggers; the next one that passes carries `suppressed`, the number dropped.
+
+    Some SDK warnings come once per span: the BatchSpanProcessor logs "Queue full, dropping
+    span." for every span it drops while an exporter is stuck (OTEL_BSP_MAX_QUEUE_SIZE), which
+    at a few thousand checks a second would flood stderr.
+    """
+
+    def __init__(self, interval: float = 60.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        # (logger, message template) -> when last let through / how many dropped since: bounded
+        # by the SDK's source, since the template is not the formatted message.
+        self._last: dict[tuple[str, str], float] = {}
+        self._dropped: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("opentelemetry"):
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        dropped = self._dropped.pop(key, 0)
+        if dropped:
+            record.suppressed = dropped
+        return True
+
+
 def configure_logging(settings: Settings, stream: Any = None) -> None:
     """Send the root logger to stderr as JSON (or text) at `telemetry.log_level`.
 
     Idempotent: replaces the handler installed by an earlier call, leaves others alone.
+    Repeated OpenTelemetry SDK messages pass at most once a minute (`RepeatFilter`).
     """
     tele = settings.telemetry
     level = parse_level(tele.log_level)
@@ -113,6 +151,7 @@ def configure_logging(settings: Settings, stream: Any = None) -> None:
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     setattr(handler, _handler_marker, True)
     handler.setFormatter(JsonFormatter() if tele.log_format == "json" else TextFormatter())
+    handler.addFilter(RepeatFilter())
     root.addHandler(handler)
     root.setLevel(level)
 
@@ -193,7 +232,7 @@ def masked(value: Any, key: str = "") -> Any:
 
 
 def log_effective_config(
-    settings: Settings, telemetry: Any = None, logger: logging.Logger | None = None
+    settings: Settings, telemetry: Telemetry | None = None, logger: logging.Logger | None = None
 ) -> None:
     """One INFO line with the effective settings (and telemetry setup), secrets masked."""
     log = logger or logging.getLogger("authz.config")

@@ -1,16 +1,19 @@
 """The service's metrics: counted in plain Python on the hot path, handed to the SDK at collection.
 
 Why not call `Counter.add` / `Histogram.record` per check: with opentelemetry-sdk 1.45 one
-`record` with four attributes costs ~9 us (every call re-validates and re-hashes the attribute
-dict), so the four measurements of one check would cost ~30 us, ~10% of a whole check
-(docs: hot-path-measurements). Here a check costs a dict increment and a bisect (~1 us), and the
-SDK only sees the totals when a reader collects (a Prometheus scrape, an OTLP export):
+`record` of the check's latency (three attributes) costs ~7-8 us and the store call's (none)
+~4 us (`python -m loadtests.telemetry_overhead`); in the full server the SDK's two histograms
+took parent-based 1% sampling from ~0.94 to ~0.82 of telemetry-off throughput
+(loadtests/README.md, "Telemetry's cost"). Here a check costs a dict increment and a bisect
+(~1 us), and the SDK only sees the totals when a reader collects (a Prometheus scrape, an OTLP
+export):
 - counters, gauges and up-down counters are *observable* instruments whose callbacks read the
   totals (the SDK's public API for values kept elsewhere);
 - the two latency histograms are aggregated here (explicit buckets, cumulative) and appended to
   what each reader collects, as the SDK's own `Metric`/`HistogramDataPoint` values, by wrapping
-  the reader's collect callback (see `HistogramBridge`). The OpenTelemetry API has no
-  observable histogram, so there is no public hook for this; tests/telemetry pin the behaviour.
+  the reader's collect callback (`HistogramBridge`). The OpenTelemetry API has no observable
+  histogram, so this is the one place that uses an SDK internal: pyproject.toml bounds
+  opentelemetry-sdk to the versions tests/telemetry/test_telemetry_sdk_seam.py has passed on.
 
 Writers are the event-loop thread only (one asyncio loop per worker process); readers run on the
 exporter threads and only copy, which the GIL keeps consistent enough for monitoring (a count
@@ -42,9 +45,10 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 _log = logging.getLogger(__name__)
 
-# Bucket bounds in seconds. A check costs ~300 us of CPU and answers in ~0.6-1.2 ms under light
-# load (hot-path-measurements), Redis round trips take ~160 us; the store timeout is 50 ms and
-# the mesh's check timeout 200 ms-1 s. So: fine steps from 50 us to 5 ms, coarser up to 1 s.
+# Bucket bounds in seconds. A check costs ~450 us of CPU and answers in ~0.6-1.2 ms under light
+# load (loadtests/README.md, "Reading the results"), Redis round trips take ~160 us; the store
+# timeout is 50 ms and the mesh's check timeout 200 ms-1 s. So: fine steps from 50 us to 5 ms,
+# coarser up to 1 s.
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005,
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -57,7 +61,6 @@ MAX_DECISION_SERIES = 1000
 OTHER = "_other"
 
 DecisionKey = tuple[str, str, str, str]
-
 
 class LocalHistogram:
     """Explicit-bucket histogram, cumulative. `record` is the hot path: keep it tiny."""
@@ -260,8 +263,9 @@ class HistogramBridge:
     """Appends locally aggregated histograms to what a reader collects.
 
     Relies on `MetricReader._set_collect_callback` / `_collect`, the seam through which
-    `MeterProvider` hands each reader its data (stable since SDK 1.12). The histograms are always
-    reported with cumulative temporality, whatever the reader prefers.
+    `MeterProvider` hands each reader its data (unchanged since SDK 1.12; pyproject.toml admits
+    only the SDK versions tests/telemetry/test_telemetry_sdk_seam.py passed on). The histograms
+    are always reported with cumulative temporality, whatever the reader prefers.
     """
 
     def __init__(

@@ -9,9 +9,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import SpanContext, TraceFlags
 from redis.crc import key_slot
 
 from authz.buckets import RedisBucketStore, StoreError
@@ -173,6 +176,22 @@ async def test_every_traced_caller_leads_to_its_batch_span(
     assert batch.parent.span_id not in linked  # the parent needs no link as well
     assert linked | {batch.parent.span_id} == checks
     assert len(batch.links) == 9
+
+
+async def test_a_write_whose_callers_are_not_recorded_gets_no_span(
+        redis_store: RedisBucketStore, identity: str) -> None:
+    """Checks in a trace nobody records (a caller that is not sampled): no span for their
+    write, even under a sampler that would record one."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    redis_store.tracer = provider.get_tracer("test")
+    unsampled = trace.NonRecordingSpan(SpanContext(0x0AF7651916CD43DD8448EB211C80319C,
+                                                   0xB7AD6B7169203331, True, TraceFlags(0)))
+    with trace.use_span(unsampled):
+        await asyncio.gather(*(redis_store.charge([spec(f"{identity}{i}")], 1)
+                               for i in range(3)))
+    assert exporter.get_finished_spans() == ()
 
 
 async def test_a_cancelled_caller_does_not_disturb_the_others(

@@ -6,6 +6,7 @@ import pytest
 
 from authz.config.settings import ServerSettings, Settings
 from authz.telemetry import Telemetry, TelemetryConfig, TelemetryConfigError
+from authz.telemetry.config import QueueSettings
 
 SETTINGS = Settings(server=ServerSettings(host="0.0.0.0", metrics_port=9464))
 
@@ -122,3 +123,23 @@ def test_installed_exporter_entry_points_are_accepted(monkeypatch: pytest.Monkey
         assert telemetry.tracer_provider is not None
     finally:
         telemetry.shutdown()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE='0'"),
+    ({"OTEL_BSP_SCHEDULE_DELAY": "soon"}, "OTEL_BSP_SCHEDULE_DELAY='soon'"),
+    ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "600", "OTEL_BSP_MAX_QUEUE_SIZE": "500"},
+     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE=600 is larger than OTEL_BSP_MAX_QUEUE_SIZE=500"),
+])
+def test_bad_batch_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(TelemetryConfigError, match=message):
+        QueueSettings.from_env(env)
+
+
+def test_batch_settings_from_the_environment() -> None:
+    settings = QueueSettings.from_env({
+        "OTEL_BSP_MAX_QUEUE_SIZE": "4096", "OTEL_BSP_SCHEDULE_DELAY": "250",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "128", "OTEL_BSP_EXPORT_TIMEOUT": "1000",
+    })
+    assert settings == QueueSettings(4096, 0.25, 128, 1.0)
+    assert QueueSettings.from_env({}) == QueueSettings()

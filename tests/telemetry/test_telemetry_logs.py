@@ -12,7 +12,7 @@ from opentelemetry import trace
 
 from authz.config.settings import ServerSettings, Settings, StoreSettings, TelemetrySettings
 from authz.telemetry import configure_logging, log_effective_config
-from authz.telemetry.logs import DenySampler, mask_url
+from authz.telemetry.logs import DenySampler, RepeatFilter, mask_url
 from tests.telemetry.conftest import (
     ALLOWED,
     PARENT_SPAN_ID,
@@ -212,3 +212,33 @@ def test_deny_line_of_an_unsampled_caller_has_its_trace_id(make_harness: MakeHar
     [line] = [x for x in lines(stream) if x["logger"] == "authz.deny"]
     assert line["trace_id"] == TRACE_ID
     assert "span_id" not in line
+
+
+def test_a_repeated_sdk_warning_is_written_once_a_minute() -> None:
+    """The BatchSpanProcessor warns once per dropped span when its queue is full."""
+    stream = setup(make_settings())
+    sdk = logging.getLogger("opentelemetry.sdk.test")
+    for _ in range(500):
+        sdk.warning("Queue full, dropping %s.", "span")
+    sdk.warning("something else")
+    logging.getLogger("authz.test").warning("ours")
+    logging.getLogger("authz.test").warning("ours")
+    assert [x["msg"] for x in lines(stream)] == [
+        "Queue full, dropping span.", "something else", "ours", "ours"]
+
+
+def test_the_repeat_filter_counts_what_it_dropped() -> None:
+    now = [0.0]
+    f = RepeatFilter(60.0, clock=lambda: now[0])
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("opentelemetry.sdk.x", logging.WARNING, __file__, 1,
+                                 "Queue full, dropping %s.", ("span",), None)
+
+    assert f.filter(record())
+    assert [f.filter(record()) for _ in range(3)] == [False, False, False]
+    now[0] = 61.0
+    passed = record()
+    assert f.filter(passed)
+    assert passed.suppressed == 3  # type: ignore[attr-defined]
+

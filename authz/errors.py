@@ -75,9 +75,10 @@ class ConfigErrors(ConfigError):
 
 
 class TelemetryConfigError(ConfigError):
-    """An OTEL_* variable (or a telemetry setting) has a value we cannot use."""
+    """An OTEL_* variable has a value we cannot use. The problem names the variable and what
+    it accepts (e.g. "OTEL_TRACES_EXPORTER='x': unknown exporter ...")."""
 
-    def __init__(self, variable: str, problem: str) -> None:
+    def __init__(self, problem: str, variable: str = "") -> None:
         super().__init__("environment", variable, problem)
 
 

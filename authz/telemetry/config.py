@@ -26,6 +26,9 @@ from importlib.metadata import entry_points
 from typing import Literal
 
 from authz.config.settings import Settings
+from authz.errors import TelemetryConfigError
+
+__all__ = ["TelemetryConfig", "TelemetryConfigError"]
 
 Protocol = Literal["grpc", "http/protobuf"]
 
@@ -40,9 +43,6 @@ PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http/protobuf")
 # The OTLP spec's default protocol for SDKs; the collector listens on 4318 for it.
 DEFAULT_PROTOCOL: Protocol = "http/protobuf"
 
-
-class TelemetryConfigError(ValueError):
-    """An OTEL_* variable (or a telemetry setting) has a value we cannot use."""
 
 
 @dataclass(frozen=True)

@@ -11,23 +11,18 @@ import time
 import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
 
 from opentelemetry import trace
 
 from authz.config.settings import Settings
+from authz.errors import ConfigError
+from authz.redact import MASK, redact_url
 
 if TYPE_CHECKING:
     from authz.telemetry.setup import Telemetry
 
-MASK = "***"
 # Setting names whose values are secrets wherever they appear.
 SECRET_FIELDS = frozenset({"subject_salt", "password", "secret", "client_secret", "token"})
-# URL query parameters whose values are secrets (redis-py accepts ?password=...).
-SECRET_QUERY_PARAMS = frozenset(
-    {"password", "pass", "pwd", "secret", "token", "access_token", "api_key", "apikey", "key",
-     "sig", "signature"}
-)
 
 # LogRecord attributes that are not user fields.
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -95,9 +90,8 @@ def _iso(created: float) -> str:
 def parse_level(name: str, what: str = "telemetry.log_level") -> int:
     level = logging.getLevelName(name.strip().upper())
     if not isinstance(level, int):
-        raise ValueError(
-            f"{what}: {name!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)"
-        )
+        raise ConfigError("<settings>", what,
+                          f"{name!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
     return level
 
 
@@ -189,31 +183,7 @@ class DenySampler:
 
 def mask_url(url: str) -> str:
     """Hide the password in a URL's userinfo and secret-looking query values."""
-    if "://" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, sep, _password = userinfo.partition(":")
-        # A lone userinfo (`https://TOKEN@host`) is often a credential itself: mask it too.
-        netloc = f"{user}:{MASK}@{hostport}" if sep else f"{MASK}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = "&".join(
-            f"{k}={MASK if k.lower() in SECRET_QUERY_PARAMS else v}" for k, v in pairs
-        )
-    # Not urlunsplit: it drops the empty authority of `unix:///path`.
-    out = f"{parts.scheme}://{netloc}{parts.path}"
-    if query:
-        out += f"?{query}"
-    if parts.fragment:
-        out += f"#{parts.fragment}"
-    return out
+    return redact_url(url)
 
 
 def masked(value: Any, key: str = "") -> Any:

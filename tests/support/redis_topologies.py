@@ -1,7 +1,7 @@
 """Real Redis Cluster and Sentinel topologies for tests, on free loopback ports.
 
 Started with the system's `redis-server` (a sentinel is `redis-server FILE --sentinel`, so no
-redis-sentinel binary is needed), timings as measured in shared/notes/redis-topologies.md:
+redis-sentinel binary is needed), with the failover timings measured on this kind of machine:
 - `RedisClusterNodes`: N masters with one replica each, `cluster-node-timeout 1000`,
   `repl-diskless-sync-delay 0` (start-up ~2 s instead of ~6 s); the slots are assigned and the
   nodes joined with CLUSTER commands (ADDSLOTSRANGE, MEET, REPLICATE), no redis-cli needed.

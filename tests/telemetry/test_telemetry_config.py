@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from authz.config.settings import ServerSettings, Settings
+from authz.errors import ConfigError
 from authz.telemetry import Telemetry, TelemetryConfig, TelemetryConfigError
 from authz.telemetry.config import QueueSettings
 
@@ -101,7 +102,7 @@ def test_an_unknown_propagator_fails_at_setup() -> None:
 def test_bad_deny_log_level_fails_at_setup() -> None:
     from authz.config.settings import TelemetrySettings
 
-    with pytest.raises(ValueError, match=r"telemetry\.deny_log_level: 'LOUD'"):
+    with pytest.raises(ConfigError, match=r"telemetry\.deny_log_level: 'LOUD'"):
         Telemetry.from_settings(
             Settings(server=ServerSettings(metrics_port=0),
                      telemetry=TelemetrySettings(deny_log_level="LOUD")),

@@ -11,6 +11,7 @@ import pytest
 from opentelemetry import trace
 
 from authz.config.settings import ServerSettings, Settings, StoreSettings, TelemetrySettings
+from authz.errors import ConfigError
 from authz.telemetry import configure_logging, log_effective_config
 from authz.telemetry.logs import DenySampler, RepeatFilter, mask_url
 from tests.telemetry.conftest import (
@@ -159,7 +160,7 @@ def test_configure_logging_is_idempotent_and_validates_levels() -> None:
     assert len(lines(stream)) == 1
     ours = [h for h in logging.getLogger().handlers if getattr(h, "_authz_handler", False)]
     assert len(ours) == 1
-    with pytest.raises(ValueError, match=r"telemetry\.log_level: 'chatty'"):
+    with pytest.raises(ConfigError, match=r"telemetry\.log_level: 'chatty'"):
         configure_logging(make_settings(log_level="chatty"))
 
 

@@ -9,9 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz.config.settings import ServerSettings, Settings
+from authz.demo.processes import free_port
 from authz.telemetry import Telemetry
 from authz.telemetry.aggregate import MetricsAggregator, worker_environment, worker_targets
-from tests.telemetry.conftest import ALLOWED, RATE_LIMITED, free_port
+from tests.telemetry.conftest import ALLOWED, RATE_LIMITED
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz.config.settings import ServerSettings, Settings
+from authz.demo.processes import free_port
 from authz.telemetry import LATENCY_BUCKETS, Telemetry
 from tests.telemetry.conftest import (
     ALLOWED,
     BACKEND_ERROR,
     RATE_LIMITED,
     UNAUTHENTICATED,
-    free_port,
     request_headers,
 )
 

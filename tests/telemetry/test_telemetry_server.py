@@ -22,7 +22,8 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.telemetry.conftest import PARENT_SPAN_ID, TRACE_ID, TRACEPARENT, free_port
+from authz.demo.processes import free_port
+from tests.telemetry.conftest import PARENT_SPAN_ID, TRACE_ID, TRACEPARENT
 from tests.telemetry.otlp_sink import Received, http_sink
 
 REPO = Path(__file__).resolve().parents[2]

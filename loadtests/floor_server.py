@@ -83,12 +83,19 @@ async def serve(host: str, port: int, redis_port: int | None = None) -> None:
         _, protocol = await asyncio.get_running_loop().create_connection(
             _RedisPing, "127.0.0.1", redis_port)
         servicer = IoFloorAuthorization(protocol)
+    await serve_until_signal(server, servicer, "floor_server", host, port)
+
+
+async def serve_until_signal(server: grpc.aio.Server,
+                             servicer: external_auth_pb2_grpc.AuthorizationServicer,
+                             name: str, host: str, port: int) -> None:
+    """Serve Check on host:port until SIGTERM or SIGINT (the benchmark's comparison servers)."""
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise SystemExit(f"floor_server: cannot bind {host}:{port}")
+        raise SystemExit(f"{name}: cannot bind {host}:{port}")
     await server.start()
-    print(f"floor_server listening on {host}:{bound}", flush=True)
+    print(f"{name} listening on {host}:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,13 +13,11 @@ uvloop like the service does, so the ratio measures the design rather than the e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fnmatch
 import hashlib
 import json
 import math
 import re
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,8 @@ import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import status_pb2
+
+from loadtests.floor_server import serve_until_signal
 
 # A plain token bucket over all of a request's buckets, all-or-nothing, clocked by Redis TIME.
 # Bucket hash: tokens (level after the last charge) and ts (when). Keys expire once full again.
@@ -197,18 +197,7 @@ async def serve(config: dict[str, Any], host: str, port: int) -> None:
     client = aioredis.Redis.from_url(config["store"]["redis_url"])
     service = NaiveAuthorization(config, client)
     await service.start()
-    server = grpc.aio.server()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(service, server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise SystemExit(f"naive_server: cannot bind {host}:{port}")
-    await server.start()
-    print(f"naive_server listening on {host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0.5)
+    await serve_until_signal(grpc.aio.server(), service, "naive_server", host, port)
     await client.aclose()
 
 

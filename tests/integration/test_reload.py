@@ -126,6 +126,18 @@ def test_sighup_with_a_pathological_file_is_logged_once_and_counted(
     assert len(re.findall("quota reload failed", out)) == 1
 
 
+async def in_process(quota: Path, text: str, issuer: TestIssuer) -> Server:
+    """A started server in this process on `quota` (written with `text`), reloads by hand."""
+    quota.write_text(text)  # noqa: ASYNC240 - a test's setup, before anything runs
+    settings = parse_settings({
+        "server": {"grpc_port": 0, "metrics_port": 0, "drain_delay": 0, "host": "127.0.0.1"},
+        "auth": {"issuers": [issuer.settings()]}, "quota_file": str(quota),
+        "quota_reload_interval": 0}, "test")
+    server = Server(settings, load_quota(quota))
+    await server.start()
+    return server
+
+
 def _large_bad_quota(path: Path) -> None:
     """Just under 1 MiB of overrides (~0.7 s for libyaml here) with a typo at the very end:
     refused only after the whole parse and validation."""
@@ -145,13 +157,7 @@ def _large_bad_quota(path: Path) -> None:
 async def test_decisions_keep_their_pace_while_a_large_file_is_refused(
         tmp_path: Path, issuer: TestIssuer) -> None:
     quota = tmp_path / "quota.yaml"
-    quota.write_text(ALLOW_A.replace("rate: 100", "rate: 1000000"))
-    settings = parse_settings({
-        "server": {"grpc_port": 0, "metrics_port": 0, "drain_delay": 0, "host": "127.0.0.1"},
-        "auth": {"issuers": [issuer.settings()]}, "quota_file": str(quota),
-        "quota_reload_interval": 0}, "test")
-    server = Server(settings, load_quota(quota))
-    await server.start()
+    server = await in_process(quota, ALLOW_A.replace("rate: 100", "rate: 1000000"), issuer)
     token = issuer.mint("pace")
     latencies: list[float] = []
     try:
@@ -190,13 +196,7 @@ async def test_decisions_keep_their_pace_while_a_large_file_is_refused(
 async def test_reload_failure_keeps_the_quota_in_process(tmp_path: Path, issuer: TestIssuer,
                                                          bad: str) -> None:
     quota = tmp_path / "quota.yaml"
-    quota.write_text(ALLOW_A)
-    settings = parse_settings({
-        "server": {"grpc_port": 0, "metrics_port": 0, "drain_delay": 0, "host": "127.0.0.1"},
-        "auth": {"issuers": [issuer.settings()]}, "quota_file": str(quota),
-        "quota_reload_interval": 0}, "test")
-    server = Server(settings, load_quota(quota))
-    await server.start()
+    server = await in_process(quota, ALLOW_A, issuer)
     try:
         resolver = server.components.pipeline.resolver
         quota.write_text(bad)

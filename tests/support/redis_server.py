@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -30,7 +31,28 @@ _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 5.0
 
 
-class RedisServer:
+class Running:
+    """`with x:` starts it and stops it whatever happens (a failed start included)."""
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class RedisServer(Running):
     def __init__(self, *, password: str | None = None, port: int | None = None,
                  tls: bool = False, extra_args: tuple[str, ...] = (),
                  config: str | None = None, sentinel: bool = False,
@@ -196,17 +218,6 @@ class RedisServer:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> RedisServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def write_certificates(directory: Path) -> None:

@@ -16,12 +16,11 @@ import random
 import socket
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import redis
 
-from tests.support.redis_server import RedisServer, write_certificates
+from tests.support.redis_server import RedisServer, Running, write_certificates
 
 SLOTS = 16384
 _CLUSTER_TIMEOUT = 30.0
@@ -48,7 +47,7 @@ def cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-class RedisClusterNodes:
+class RedisClusterNodes(Running):
     def __init__(self, masters: int = 3, *, password: str | None = None, tls: bool = False,
                  full_coverage: bool = False, tmp: Path | None = None) -> None:
         """`full_coverage`: Redis's default `cluster-require-full-coverage yes` (healthy
@@ -120,17 +119,6 @@ class RedisClusterNodes:
     def stop(self) -> None:
         for n in self.nodes:
             n.stop()
-
-    def __enter__(self) -> RedisClusterNodes:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     # -- state -----------------------------------------------------------------------------
     def node_id(self, node: RedisServer) -> str:
@@ -248,7 +236,7 @@ class RedisClusterNodes:
         raise TimeoutError(f"cluster not ready within {timeout} s (last error: {last})")
 
 
-class RedisSentinels:
+class RedisSentinels(Running):
     """One master, one replica, three sentinels watching them as `name`."""
 
     def __init__(self, name: str = "authz", *, password: str | None = None,
@@ -346,16 +334,5 @@ class RedisSentinels:
     def stop(self) -> None:
         for n in (*self.sentinels, self.replica, self.master):
             n.stop()
-
-    def __enter__(self) -> RedisSentinels:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     _wait = staticmethod(RedisClusterNodes._wait)

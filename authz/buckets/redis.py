@@ -41,18 +41,21 @@ class RedisBucketStore:
                  tracer: trace.Tracer | None = None, mode: str = "standalone",
                  nodes: Sequence[str] = (), sentinel_master: str | None = None,
                  sentinel_username: str | None = None,
-                 sentinel_password: str | None = None) -> None:
+                 sentinel_password: str | None = None, replica_acks: int = 0) -> None:
         """`url`: redis://, rediss:// or unix:// (config/redis_url.py): in standalone mode the
         server; in cluster mode one seed node and, in every mode, the data nodes' credentials
         and TLS. `mode`: standalone, sentinel or cluster. `nodes` ("host:port"): more seeds
         (cluster) or the sentinels (sentinel; the URL's host:port is one too). `timeout`: the
-        bound on every charge, in seconds; `max_batch`: charges per pipelined write at most."""
+        bound on every charge, in seconds; `max_batch`: charges per pipelined write at most;
+        `replica_acks` (sentinel, cluster): replicas that must have a write before its
+        decisions are answered."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self._url = url
         self._mode = mode
         self._nodes = tuple(nodes)
         self._sentinel = (sentinel_master, sentinel_username, sentinel_password)
+        self._replica_acks = replica_acks
         self._tracer = tracer
         self._prefix = key_prefix
         self._timeout = timeout
@@ -82,12 +85,12 @@ class RedisBucketStore:
                              "addresses, not a unix socket")
         first = (address.host, address.port)
         if self._mode == "cluster":
-            return Cluster([first, *extra], address, **common)
+            return Cluster([first, *extra], address, replica_acks=self._replica_acks, **common)
         master, username, password = self._sentinel
         if not master:
             raise StoreError("sentinel mode needs the master's name (store.sentinel_master)")
         return Sentinel([first, *extra], master, address, sentinel_username=username,
-                        sentinel_password=password, **common)
+                        sentinel_password=password, replica_acks=self._replica_acks, **common)
 
     async def start(self, *, wait: bool = False) -> None:
         """Parse the addresses (StoreError if unusable) and connect.

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigError, InvalidValue
 from ..jwa import ASYMMETRIC_ALGORITHMS
-from .redis_url import parse_redis_url
+from .redis_url import parse_endpoint, parse_redis_url
 from .settings import (
     DEV_ISSUER,
     AuthSettings,
@@ -53,6 +53,12 @@ def load_settings(path: str | Path | None, *, env: Mapping[str, str] | None = No
         _check_redis_url(env_node, "", redis_url)
         env_node.problems.raise_if_any()
         settings = _replace(settings, store=_replace(settings.store, redis_url=redis_url))
+        for key, problem in redis_topology_problems(settings.store):
+            raise ConfigError("AUTHZ_REDIS_URL", f"store.{key}", problem)
+    sentinel_password = environ.get("AUTHZ_REDIS_SENTINEL_PASSWORD")
+    if sentinel_password:  # a secret, like the URL's password: from a Kubernetes Secret
+        settings = _replace(settings, store=_replace(settings.store,
+                                                     sentinel_password=sentinel_password))
     return settings
 
 
@@ -238,8 +244,20 @@ def _store(n: Node) -> StoreSettings:
         timeout=n.duration("timeout", d.timeout, minimum=STORE_TIMEOUT_MIN),
         on_error=cast(Any, n.choice("on_error", d.on_error, ("deny", "allow"))),
         max_batch=n.integer("max_batch", d.max_batch, minimum=1, maximum=100_000),
+        redis_mode=cast(Any, n.choice("redis_mode", d.redis_mode,
+                                      ("standalone", "sentinel", "cluster"))),
+        redis_nodes=_endpoints(n, "redis_nodes"),
+        sentinel_master=n.text("sentinel_master", d.sentinel_master),
+        sentinel_username=n.text("sentinel_username", d.sentinel_username),
+        sentinel_password=n.text("sentinel_password", d.sentinel_password),
+        # Every replica of a shard at most; more than a handful makes every write wait on the
+        # slowest of them.
+        replica_acks=n.integer("replica_acks", d.replica_acks, minimum=0, maximum=5),
     )
     n.done()
+    if not n.failed:
+        for key, problem in redis_topology_problems(s):
+            n.report(key, problem)
     if s.timeout > STORE_TIMEOUT_MAX:
         n.report("timeout", "at most 10s: the store answer must come well before the "
                  "mesh's check timeout (0.5s recommended)")
@@ -248,6 +266,50 @@ def _store(n: Node) -> StoreSettings:
     elif len(s.key_prefix) > 64 or not s.key_prefix.isprintable() or " " in s.key_prefix:
         n.report("key_prefix", "expected at most 64 printable characters without spaces")
     return s
+
+
+def _endpoints(n: Node, key: str) -> tuple[str, ...]:
+    nodes = n.str_list(key, ())
+    for value in nodes:
+        try:
+            parse_endpoint(value)
+        except InvalidValue as e:
+            n.report(key, str(e))
+            return ()
+    return nodes
+
+
+def redis_topology_problems(s: StoreSettings) -> list[tuple[str, str]]:
+    """(key, problem) for a store topology that cannot work: checked for the file's values
+    and again once AUTHZ_REDIS_URL has replaced the URL."""
+    out: list[tuple[str, str]] = []
+    mode = s.redis_mode
+    if mode == "standalone":
+        for key, value in (("redis_nodes", s.redis_nodes), ("sentinel_master", s.sentinel_master),
+                           ("replica_acks", s.replica_acks)):
+            if value:
+                out.append((key, "only for redis_mode sentinel or cluster"))
+        return out
+    if not s.redis_url:
+        return [("redis_url", f"redis_mode {mode} needs redis_url: a node's (or sentinel's) "
+                 "redis:// or rediss:// URL, carrying the data nodes' credentials and TLS")]
+    try:
+        address = parse_redis_url(s.redis_url)
+    except InvalidValue:
+        return out  # reported where the URL is read
+    if address.path:
+        out.append(("redis_url", f"redis_mode {mode} needs a redis:// or rediss:// host:port, "
+                    "not a unix socket"))
+    if mode == "cluster":
+        if address.db:
+            out.append(("redis_url", "Redis Cluster has only database 0"))
+        for key in ("sentinel_master", "sentinel_username", "sentinel_password"):
+            if getattr(s, key):
+                out.append((key, "only for redis_mode sentinel"))
+    elif not s.sentinel_master:
+        out.append(("sentinel_master", "is required with redis_mode sentinel: the name the "
+                    "sentinels monitor the master under"))
+    return out
 
 
 def _check_redis_url(n: Node, key: str, url: str) -> None:

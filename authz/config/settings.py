@@ -78,6 +78,23 @@ class StoreSettings:
     on_error: Literal["deny", "allow"] = "deny"
     # Upper bound on decisions coalesced into one pipelined write.
     max_batch: int = 512
+    # How the Redis nodes are found: "standalone" (redis_url is the server, or a proxy),
+    # "sentinel" (redis_url's host:port and redis_nodes are sentinels watching
+    # sentinel_master) or "cluster" (redis_url's host:port and redis_nodes are seed nodes, e.g.
+    # a managed service's configuration endpoint). redis_url's user, password, TLS options
+    # (and database, not in cluster mode) apply to the data nodes in every mode.
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    redis_nodes: tuple[str, ...] = ()
+    sentinel_master: str = ""
+    # The sentinels' own credentials, when they differ from the data nodes' (requirepass on
+    # the sentinels). Env AUTHZ_REDIS_SENTINEL_PASSWORD overrides the password.
+    sentinel_username: str = ""
+    sentinel_password: str = ""
+    # Replicas that must have a write before its decisions are answered (sentinel, cluster):
+    # one WAIT per pipelined write. 0: answer at once; an admission then lives only on the
+    # master until replication (well under a millisecond), and a failover in that window can
+    # forget it. 1: no admitted request is lost in a failover, for one replication round trip.
+    replica_acks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,8 +57,12 @@ def build_store(settings: Settings, telemetry: CheckTelemetry | None = None) -> 
 
         tracer = telemetry.tracer("authz.buckets.redis") if telemetry is not None else None
         s = settings.store
-        inner = RedisBucketStore(s.redis_url, key_prefix=s.key_prefix, timeout=s.timeout,
-                                 max_batch=s.max_batch, tracer=tracer)
+        inner = RedisBucketStore(
+            s.redis_url, key_prefix=s.key_prefix, timeout=s.timeout, max_batch=s.max_batch,
+            tracer=tracer, mode=s.redis_mode, nodes=s.redis_nodes,
+            sentinel_master=s.sentinel_master or None,
+            sentinel_username=s.sentinel_username or None,
+            sentinel_password=s.sentinel_password or None, replica_acks=s.replica_acks)
         if telemetry is not None:
             inner = MeteredStore(inner, telemetry.observe_store_call)
     else:

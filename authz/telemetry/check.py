@@ -25,7 +25,7 @@ from authz.config.settings import Settings
 from authz.decision import Decision, Outcome
 from authz.telemetry.logs import DenySampler, parse_level
 from authz.telemetry.metrics import Counts
-from authz.telemetry.propagation import Extractor
+from authz.telemetry.propagation import Extractor, unsampled_parent
 
 _log = logging.getLogger("authz.telemetry")
 _deny_log = logging.getLogger("authz.deny")
@@ -138,15 +138,19 @@ class CheckRecorder:
         self._tracer: trace.Tracer | None = None
         self._extract: Extractor | None = None
         self._skip_unsampled = False
+        self._w3c_first = False
 
     def enable_tracing(self, tracer: trace.Tracer, extract: Extractor | None,
-                       skip_unsampled: bool) -> None:
+                       skip_unsampled: bool, w3c_first: bool = False) -> None:
         """Check spans from `tracer`, children of the caller's context that `extract` reads
         from the headers. `skip_unsampled`: the sampler drops every span whose remote parent is
         not sampled (parentbased_*), so such checks need no span at all."""
         self._tracer = tracer
         self._extract = extract
         self._skip_unsampled = skip_unsampled
+        # The default propagators read `traceparent` first: an unsampled one can be told from
+        # the header alone (propagation.unsampled_parent), without the propagator's machinery.
+        self._w3c_first = w3c_first and skip_unsampled
 
     # ---- the check path -------------------------------------------------------------------
 
@@ -162,6 +166,12 @@ class CheckRecorder:
             # Without trace headers the check span is a root: never the child of whatever
             # context happens to be current.
             parent = _EMPTY
+            if self._w3c_first:
+                traceparent = headers.get("traceparent")
+                if traceparent is not None:
+                    unsampled = unsampled_parent(traceparent)
+                    if unsampled is not None:
+                        return CheckScope(self, start, None, unsampled)
             if self._extract is not None:
                 parent = self._extract(headers) or _EMPTY
                 if self._skip_unsampled:

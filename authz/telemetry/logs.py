@@ -195,7 +195,8 @@ def masked(value: Any, key: str = "") -> Any:
     if isinstance(value, (list, tuple)):
         return [masked(v, key) for v in value]
     if isinstance(value, str):
-        if key.lower() in SECRET_FIELDS:
+        name = key.lower()
+        if name in SECRET_FIELDS or name.endswith(("_password", "_secret", "_token")):
             return MASK if value else ""
         return mask_url(value)
     return value

@@ -9,12 +9,14 @@ with the default propagators only the one whose headers are present runs (runnin
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from authz.telemetry.config import DEFAULT_PROPAGATORS, TelemetryConfigError
@@ -22,6 +24,7 @@ from authz.telemetry.config import DEFAULT_PROPAGATORS, TelemetryConfigError
 _log = logging.getLogger(__name__)
 
 Extractor = Callable[[Mapping[str, str]], "Context | None"]
+_EMPTY = Context()
 
 
 def _load(name: str) -> TextMapPropagator:
@@ -99,3 +102,25 @@ def _default_propagators() -> tuple[TextMapPropagator, TextMapPropagator | None]
         # worth a warning, not a service that refuses to start.
         _log.warning("opentelemetry-propagator-b3 is not installed: B3 headers are ignored")
         return tracecontext, None
+
+
+# W3C Trace Context, version 00 (and later versions, whose first four fields keep this form):
+# version-traceid-parentid-flags, lower-case hex.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def unsampled_parent(traceparent: str) -> Context | None:
+    """The caller's context when `traceparent` is valid and says "not sampled", else None.
+
+    The same context the W3C propagator builds (a remote, non-recording parent), without its
+    general machinery: under parent-based sampling this is most requests of a mesh (it
+    samples ~1%), and none of them gets a span of ours."""
+    m = _TRACEPARENT.fullmatch(traceparent)
+    if m is None:
+        return None
+    version, trace_id, span_id, flags = m.groups()
+    if version == "ff" or int(flags, 16) & 1 or trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    parent = NonRecordingSpan(SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
+                                          trace_flags=TraceFlags(int(flags, 16))))
+    return set_span_in_context(parent, _EMPTY)

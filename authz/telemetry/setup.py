@@ -29,7 +29,12 @@ from opentelemetry.trace import ProxyTracerProvider
 
 from authz.config.settings import Settings
 from authz.telemetry.check import RPC_ATTRIBUTES, CheckRecorder
-from authz.telemetry.config import TRACES_EXPORTER_GROUP, TelemetryConfig, TelemetryConfigError
+from authz.telemetry.config import (
+    DEFAULT_PROPAGATORS,
+    TRACES_EXPORTER_GROUP,
+    TelemetryConfig,
+    TelemetryConfigError,
+)
 from authz.telemetry.logs import mask_url
 from authz.telemetry.metrics import BridgedHistogram, Counts, HistogramBridge, create_instruments
 from authz.telemetry.propagation import make_extractor
@@ -123,7 +128,8 @@ class Telemetry(CheckRecorder):
             # Every parentbased_* sampler drops a span whose remote parent is not sampled, so
             # for such a caller start_check skips the span altogether.
             self.enable_tracing(provider.get_tracer(SCOPE_NAME, self._version), extract,
-                                skip_unsampled=isinstance(provider.sampler, ParentBased))
+                                skip_unsampled=isinstance(provider.sampler, ParentBased),
+                                w3c_first=tuple(config.propagators) == DEFAULT_PROPAGATORS)
             # Others' `trace.get_tracer(__name__)` (jwks.fetch) resolve through the global
             # provider. The API allows setting it once per process.
             if install_global and isinstance(trace.get_tracer_provider(), ProxyTracerProvider):

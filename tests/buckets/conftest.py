@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from authz.buckets import DenyCache, MemoryBucketStore, RedisBucketStore
 from authz.buckets.store import BucketStore
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import RedisClusterNodes, RedisSentinels
 
 # Generous next to the 50 ms production default: CI machines stall; the timeout tests set
 # their own small value.
@@ -45,16 +47,47 @@ def identity() -> str:
     return uuid.uuid4().hex
 
 
-@pytest.fixture(params=["memory", "redis", "deny-cache"])
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A 3-master / 3-replica Redis Cluster shared by the tests that do not break it."""
+    with RedisClusterNodes() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels() -> Iterator[RedisSentinels]:
+    """A master, a replica and three sentinels, shared by the tests that do not fail it over."""
+    with RedisSentinels() as topology:
+        yield topology
+
+
+def cluster_store(cluster: RedisClusterNodes, **kwargs: Any) -> RedisBucketStore:
+    return RedisBucketStore(cluster.url(), mode="cluster",
+                            nodes=cluster.seeds()[1:], **{"timeout": TEST_TIMEOUT, **kwargs})
+
+
+def sentinel_store(topology: RedisSentinels, **kwargs: Any) -> RedisBucketStore:
+    return RedisBucketStore(f"redis://{topology.sentinel_addresses()[0]}/0", mode="sentinel",
+                            nodes=topology.sentinel_addresses()[1:],
+                            sentinel_master=topology.name,
+                            **{"timeout": TEST_TIMEOUT, **kwargs})
+
+
+@pytest.fixture(params=["memory", "redis", "deny-cache", "cluster", "sentinel"])
 async def store(request: pytest.FixtureRequest, redis_db: RedisServer
                 ) -> AsyncIterator[BucketStore]:
-    """Every store behind the same BucketStore contract (the deny cache wraps Redis)."""
+    """Every store behind the same BucketStore contract (the deny cache wraps Redis), the Redis
+    one on every topology: one server, a Redis Cluster, a Sentinel-watched master."""
     kind = request.param
     s: BucketStore
     if kind == "memory":
         s = MemoryBucketStore()
     elif kind == "redis":
         s = RedisBucketStore(redis_db.url, timeout=TEST_TIMEOUT)
+    elif kind == "cluster":
+        s = cluster_store(request.getfixturevalue("redis_cluster"))
+    elif kind == "sentinel":
+        s = sentinel_store(request.getfixturevalue("redis_sentinels"))
     else:
         s = DenyCache(RedisBucketStore(redis_db.url, timeout=TEST_TIMEOUT))
     await s.start()

@@ -199,25 +199,25 @@ class RedisClusterNodes(Running):
         return time.monotonic() - since
 
     def migrate_slot(self, slot: int, source: RedisServer, target: RedisServer,
-                     *, pause_between: float = 0.0) -> None:
-        """Move one slot with its keys: IMPORTING/MIGRATING, MIGRATE key by key, then SETSLOT
-        NODE on every master. While keys move, the source answers ASK for the moved ones.
-        `pause_between`: seconds to wait after each key (keeps the ASK window open)."""
+                     *, pause_before_node: float = 0.0) -> None:
+        """Move one slot with its keys: IMPORTING/MIGRATING, one MIGRATE of all its keys (so
+        no multi-key command ever sees half of them: that would be TRYAGAIN), then SETSLOT
+        NODE on every master. Between the MIGRATE and the SETSLOT NODE the source answers ASK
+        for the slot's keys; `pause_before_node` keeps that window open."""
         source_id, target_id = self.node_id(source), self.node_id(target)
         with target.client() as t:
             t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
         with source.client() as s:
             s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
             while True:
-                keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10)
+                keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
                 if not keys:
                     break
-                for key in keys:
-                    auth = ["AUTH", self.password] if self.password else []
-                    s.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
-                                      *auth, "KEYS", key)
-                    if pause_between:
-                        time.sleep(pause_between)
+                auth = ["AUTH", self.password] if self.password else []
+                s.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                                  *auth, "KEYS", *keys)
+        if pause_before_node:
+            time.sleep(pause_before_node)
         for n in self.masters():
             with n.client() as c:
                 c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)

@@ -195,3 +195,50 @@ def test_huge_integers_are_refused_not_raised(tmp_path: Path) -> None:
     with pytest.raises(ConfigErrors) as e:
         load_settings(f, env={})
     assert [err.key for err in e.value.errors] == ["store.timeout", "telemetry.deny_log_rate"]
+
+
+# ---- the store's topology ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("store", "expected"), [
+    ({"redis_mode": "cluster"}, "store.redis_url: redis_mode cluster needs redis_url"),
+    ({"redis_mode": "cluster", "redis_url": "redis://a:6379/2"},
+     "store.redis_url: Redis Cluster has only database 0"),
+    ({"redis_mode": "cluster", "redis_url": "unix:///r.sock"}, "not a unix socket"),
+    ({"redis_mode": "cluster", "redis_url": "redis://a:6379", "sentinel_master": "m"},
+     "store.sentinel_master: only for redis_mode sentinel"),
+    ({"redis_mode": "sentinel", "redis_url": "redis://s1:26379"},
+     "store.sentinel_master: is required with redis_mode sentinel"),
+    ({"redis_url": "redis://a:6379", "redis_nodes": ["b:6379"]},
+     "store.redis_nodes: only for redis_mode sentinel or cluster"),
+    ({"redis_url": "redis://a:6379", "replica_acks": 1},
+     "store.replica_acks: only for redis_mode sentinel or cluster"),
+    ({"redis_mode": "cluster", "redis_url": "redis://a:6379", "redis_nodes": ["b"]},
+     "store.redis_nodes: expected host:port, got 'b'"),
+    ({"redis_mode": "cluster", "redis_url": "redis://a:6379", "replica_acks": 6},
+     "store.replica_acks: expected an integer between 0 and 5"),
+    ({"redis_mode": "proxy"}, "store.redis_mode: expected one of standalone, sentinel, cluster"),
+])
+def test_store_topology_errors(tmp_path: Path, store: dict[str, object], expected: str) -> None:
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump({"store": store}))
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, env={})
+    assert expected in str(e.value)
+
+
+def test_store_topologies_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump({"store": {
+        "redis_mode": "sentinel", "redis_url": "rediss://app:pw@s1:26379/3",
+        "redis_nodes": ["s2:26379", "[::1]:26379"], "sentinel_master": "mymaster",
+        "sentinel_password": "from-file", "replica_acks": 1}}))
+    s = load_settings(f, env={"AUTHZ_REDIS_SENTINEL_PASSWORD": "from-env"}).store
+    assert (s.redis_mode, s.sentinel_master, s.sentinel_password) == (
+        "sentinel", "mymaster", "from-env")
+    assert s.redis_nodes == ("s2:26379", "[::1]:26379")
+    f.write_text(yaml.safe_dump({"store": {"redis_mode": "cluster",
+                                           "redis_url": "redis://cfg.example:6379"}}))
+    assert load_settings(f, env={}).store.redis_mode == "cluster"
+    # the environment's URL is checked against the mode too
+    with pytest.raises(ConfigError, match="Redis Cluster has only database 0"):
+        load_settings(f, env={"AUTHZ_REDIS_URL": "redis://cfg.example:6379/1"})

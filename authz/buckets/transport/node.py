@@ -81,18 +81,20 @@ class RedisStoreStats:
 
 
 class _Batch:
-    __slots__ = ("failed", "outstanding", "span", "started")
+    __slots__ = ("barrier", "failed", "outstanding", "span", "started")
 
     def __init__(self, span: Span | None, outstanding: int) -> None:
         self.span = span
         self.outstanding = outstanding
         self.started = time.perf_counter()
         self.failed = False
+        # With replica_acks: the WAIT that closes the write; replies are held until it answers.
+        self.barrier: Call | None = None
 
 
 class Call:
-    __slots__ = ("asking", "batch", "command", "deadline", "future", "generation", "retries",
-                 "trace")
+    __slots__ = ("asking", "batch", "command", "deadline", "future", "generation", "held",
+                 "retries", "trace")
 
     def __init__(self, command: bytes, future: asyncio.Future[Any] | None,
                  deadline: float) -> None:
@@ -104,6 +106,8 @@ class Call:
         self.generation = 0  # script generation when sent (see _on_reply)
         self.retries = 0
         self.asking = False  # cluster: send ASKING first, on this same connection
+        # A WAIT barrier: the replies of its write, answered once replicas acknowledged it.
+        self.held: list[tuple[Call, Any]] | None = None
         # The caller's recording span, when tracing: the write's span links to every other
         # caller of the write (see _flush).
         self.trace: Span | None = None
@@ -155,6 +159,10 @@ class _Link(asyncio.Protocol):
 
 
 _ASKING = resp.command(b"ASKING")
+_ROLE = resp.command(b"ROLE")
+# How often a master's replicas are counted (replica_acks): a replica that drops out is noticed
+# within a second, and its absence then costs nothing but the WAIT it no longer gets.
+ROLE_INTERVAL = 1.0
 # The SDK's global tracer unless the owner hands the node its telemetry's.
 _default_tracer = trace.get_tracer("authz.buckets.redis")
 
@@ -166,11 +174,13 @@ class NodeClient:
                  timeout: float, max_batch: int = 512,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  tracer: trace.Tracer | None = None, stats: RedisStoreStats | None = None,
-                 expect_master: bool = False,
+                 expect_master: bool = False, replica_acks: int = 0, show_server: bool = False,
                  on_lost: Callable[[NodeClient, StoreError], None] | None = None) -> None:
         """`scripts`: sha1 -> source, loaded at every connect. `timeout`: the default deadline
-        of a call, in seconds. `on_lost`: called when the connection is dropped (from the
-        event loop; must not block)."""
+        of a call, in seconds. `replica_acks`: replicas that must have each write before its
+        replies are given out (one WAIT per write; fewer acknowledgements in time fail the
+        write's calls). `on_lost`: called when the connection is dropped (from the event
+        loop; must not block)."""
         self.address = address
         self.name = address.display
         self.tracer = tracer if tracer is not None else _default_tracer
@@ -182,6 +192,20 @@ class NodeClient:
         self._max_batch = max(1, max_batch)
         self._connect_timeout = connect_timeout
         self._expect_master = expect_master
+        self._replica_acks = replica_acks
+        # Replicas connected to this master (from ROLE, at connect and every ROLE_INTERVAL):
+        # a write waits for min(replica_acks, connected). After a failover the promoted master
+        # has none until one reconnects: its writes then go unacknowledged rather than all
+        # failing, which would turn a replica's loss into an outage of the whole shard.
+        self._replicas = 0
+        self._role_task: asyncio.Task[None] | None = None
+        # The write spans' attributes; which server only where there are several (every
+        # attribute costs ~1-2 us of the SDK's validation per span).
+        self._span_attributes: dict[str, Any] = {"db.system": "redis",
+                                                 "db.operation.name": "EVALSHA"}
+        if show_server:
+            self._span_attributes.update({"server.address": address.host or address.path,
+                                          "server.port": address.port})
         self._on_lost = on_lost
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None
@@ -215,10 +239,18 @@ class NodeClient:
             log.warning("Redis unreachable at start; retrying in the background: %s", e)
         self._maintainer = self._loop.create_task(self._maintain(),
                                                   name=f"redis-connect {self.name}")
+        if self._replica_acks:
+            self._role_task = self._loop.create_task(self._watch_replicas(),
+                                                     name=f"redis-replicas {self.name}")
 
     async def close(self) -> None:
         self._closed = True
         self.down_reason = f"Redis at {self.name}: closed"
+        if self._role_task is not None:
+            self._role_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._role_task
+            self._role_task = None
         if self._maintainer is not None:
             self._maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -314,13 +346,24 @@ class NodeClient:
             if traced or not parent.get_span_context().is_valid:
                 links = [Link(t.get_span_context()) for t in traced if t is not parent]
                 span = self.tracer.start_span("redis.charge", kind=SpanKind.CLIENT, attributes={
-                    "db.system": "redis", "db.operation.name": "EVALSHA",
-                    "db.operation.batch.size": len(calls),
-                    "server.address": self.address.host or self.address.path,
-                    "server.port": self.address.port}, links=links or None)
+                    **self._span_attributes, "db.operation.batch.size": len(calls)},
+                    links=links or None)
             batch = _Batch(span, len(calls))
             for call in calls:
                 call.batch = batch
+            acks = min(self._replica_acks, self._replicas)
+            if acks:
+                # WAIT answers when the replicas have everything this connection wrote, or at
+                # its timeout with how many had: give it until just before the first deadline.
+                assert self._loop is not None
+                first = min(c.deadline for c in calls)
+                wait_ms = max(1, int((first - self._loop.time()) * 900))
+                barrier = Call(resp.command(b"WAIT", b"%d" % acks, b"%d" % wait_ms), None,
+                               first)
+                barrier.held = []
+                batch.barrier = barrier
+                link.inflight.append(barrier)
+                chunk.append(barrier.command)
             stats.batches += 1
             stats.batched_calls += len(calls)
             link.send(b"".join(chunk))
@@ -328,6 +371,9 @@ class NodeClient:
             self._arm_timer()
 
     def _on_reply(self, link: _Link, call: Call, reply: Any) -> None:
+        if call.held is not None:
+            self._release(call, reply)
+            return
         if isinstance(reply, hiredis.ReplyError):
             message = str(reply)
             if (call.batch is not None and message.startswith("NOSCRIPT")
@@ -351,13 +397,41 @@ class NodeClient:
                 log.warning("Redis at %s refused %s: %s", self.name,
                             call.command.split(b"\r\n", 3)[2][:16], message)
                 return
+        batch = call.batch
+        if batch is not None and batch.barrier is not None:
+            assert batch.barrier.held is not None
+            batch.barrier.held.append((call, reply))  # given out when the WAIT answers
+            return
         future = call.future
         if future is not None and not future.done():
             future.set_result(reply)
         self._finish(call, failed=isinstance(reply, hiredis.ReplyError))
 
+    def _release(self, barrier: Call, reply: Any) -> None:
+        """The WAIT of a write answered: give out its replies, or fail them if too few
+        replicas have the write (a failover could forget those admissions)."""
+        held, barrier.held = barrier.held or [], None
+        acks = reply if isinstance(reply, int) else -1
+        wanted = int(barrier.command.split(b"\r\n")[4])  # WAIT <wanted> <ms>
+        if acks >= wanted:
+            for call, value in held:
+                future = call.future
+                if future is not None and not future.done():
+                    future.set_result(value)
+                self._finish(call, failed=isinstance(value, hiredis.ReplyError))
+            return
+        error = StoreUnavailable(
+            f"Redis at {self.name}: the write reached {max(acks, 0)} of {wanted} "
+            "replica(s) in time (store.replica_acks)")
+        for call, _ in held:
+            self._fail(call, error)
+
     # -- failures, deadlines ---------------------------------------------------------------
     def _fail(self, call: Call, error: StoreError) -> None:
+        if call.held is not None:  # a WAIT barrier lost: its write's replies go with it
+            held, call.held = call.held, None
+            for c, _ in held:
+                self._fail(c, error)
         future = call.future
         if future is not None and not future.done():
             # One exception object per caller (a shared one would collect every caller's
@@ -440,6 +514,16 @@ class NodeClient:
             self._pending = keep
         self._arm_timer()
 
+    async def _watch_replicas(self) -> None:
+        """How many replicas this master has, re-read every ROLE_INTERVAL (replica_acks)."""
+        while not self._closed:
+            await asyncio.sleep(ROLE_INTERVAL)
+            if self._link is None:
+                continue
+            # A failure here is the connection's own failure handling's to deal with.
+            with contextlib.suppress(StoreError):
+                self._replicas = _connected_replicas(await self.submit(_ROLE))
+
     # -- connecting ------------------------------------------------------------------------
     async def _maintain(self) -> None:
         """Reconnect in the background whenever the connection is lost."""
@@ -483,7 +567,7 @@ class NodeClient:
                 handshake = resp.auth(address.username, address.password)
                 if address.db:
                     handshake.append(resp.command(b"SELECT", b"%d" % address.db))
-                if self._expect_master:
+                if self._expect_master or self._replica_acks:
                     handshake.append(resp.command(b"ROLE"))
                 handshake.extend(self._script_loads.values())
                 futures = [loop.create_future() for _ in handshake]
@@ -521,12 +605,20 @@ class NodeClient:
                 link.abort()
                 raise StoreUnavailable(f"Redis at {address.display} loaded a script as "
                                        f"{got!r}, expected {sha!r}")
-        if self._expect_master:
+        if self._expect_master or self._replica_acks:
             role = replies[len(replies) - len(self._script_loads) - 1]
             kind = resp.text(role[0]) if isinstance(role, list) and role else "?"
-            if kind != "master":
+            if self._expect_master and kind != "master":
                 link.abort()
                 raise StoreUnavailable(f"Redis at {address.display} is a {kind}, not the "
                                        "master: no writes go to a replica")
+            self._replicas = _connected_replicas(role)
         self.stats.connects += 1
         return link
+
+
+def _connected_replicas(role: Any) -> int:
+    """The replicas a master's ROLE reply lists ([b"master", offset, [[ip, port, offset]...]])."""
+    if isinstance(role, list) and len(role) >= 3 and resp.text(role[0]) == "master":
+        return len(role[2]) if isinstance(role[2], list) else 0
+    return 0

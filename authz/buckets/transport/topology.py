@@ -131,10 +131,11 @@ class Cluster:
     def __init__(self, seeds: Sequence[tuple[str, int]], template: RedisAddress, *,
                  scripts: Mapping[bytes, bytes], timeout: float, max_batch: int,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 tracer: trace.Tracer | None = None, stats: RedisStoreStats | None = None
-                 ) -> None:
+                 tracer: trace.Tracer | None = None, stats: RedisStoreStats | None = None,
+                 replica_acks: int = 0) -> None:
         """`template`: credentials and TLS for every node (its host and port are the first
         seed; a cluster has only database 0)."""
+        self._replica_acks = replica_acks
         self.stats = stats if stats is not None else RedisStoreStats()
         self._seeds = list(dict.fromkeys(seeds))
         self._template = dataclasses.replace(template, db=0, path="")
@@ -259,7 +260,8 @@ class Cluster:
             address = dataclasses.replace(self._template, host=host, port=port)
             node = NodeClient(address, scripts=self._scripts, timeout=self._timeout,
                               max_batch=self._max_batch, connect_timeout=self._connect_timeout,
-                              tracer=self._tracer, stats=self.stats, on_lost=self._lost)
+                              tracer=self._tracer, stats=self.stats, on_lost=self._lost,
+                              replica_acks=self._replica_acks, show_server=True)
             self._nodes[hostport] = node
         return node
 
@@ -389,10 +391,11 @@ class Sentinel:
                  max_batch: int, sentinel_username: str | None = None,
                  sentinel_password: str | None = None,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 tracer: trace.Tracer | None = None, stats: RedisStoreStats | None = None
-                 ) -> None:
+                 tracer: trace.Tracer | None = None, stats: RedisStoreStats | None = None,
+                 replica_acks: int = 0) -> None:
         """`template`: credentials, database and TLS of the master (its host is replaced by
         what the sentinels say); the sentinels use the same TLS and their own credentials."""
+        self._replica_acks = replica_acks
         self.stats = stats if stats is not None else RedisStoreStats()
         self._sentinels = list(dict.fromkeys(sentinels))
         self._master_name = master_name
@@ -488,7 +491,7 @@ class Sentinel:
         node = NodeClient(address, scripts=self._scripts, timeout=self._timeout,
                           max_batch=self._max_batch, connect_timeout=self._connect_timeout,
                           tracer=self._tracer, stats=self.stats, expect_master=True,
-                          on_lost=self._lost)
+                          on_lost=self._lost, replica_acks=self._replica_acks)
         await node.start()
         self.node = node
         if current is not None:

@@ -90,6 +90,9 @@ TARGET_TELEMETRY_ALWAYS_ON_OVER_OFF = 0.8
 # (ratio name, server compared with full-notel, target)
 TELEMETRY_RATIOS = (("telemetry 1%/off", "full-otel-1pct", TARGET_TELEMETRY_1PCT_OVER_OFF),
                     ("telemetry always-on/off", "full-otel", TARGET_TELEMETRY_ALWAYS_ON_OVER_OFF))
+# The Redis Cluster store's CPU per decision against the standalone store's (one request path,
+# one more hop of routing: the slot lookup and the node): at most 10% more.
+TARGET_CLUSTER_CPU_OVER_STANDALONE = 1.10
 
 # Sent once per connection (handshake, script loading), not per decision.
 PER_CONNECTION = frozenset({"hello", "auth", "select", "client", "script", "ping", "info"})
@@ -544,7 +547,9 @@ def ratios(rep: Report) -> dict[str, float]:
                      ("light p50 full/floor", div("full-redis", "floor", "light_p50")),
                      ("full/io-floor", div("full-redis", "io-floor", "rps")),
                      ("light p99 full/io-floor", div("full-redis", "io-floor", "light_p99")),
-                     ("light p50 full/io-floor", div("full-redis", "io-floor", "light_p50"))):
+                     ("light p50 full/io-floor", div("full-redis", "io-floor", "light_p50")),
+                     ("cluster/standalone CPU per check", div("full-cluster", "full-redis",
+                                                               "cpu_us"))):
         if val is not None:
             out[key] = val
     off = r.get("full-notel")
@@ -604,6 +609,19 @@ def measure_scaling(name: str, make: Callable[[int, int], list[Server]], body: P
     return out
 
 
+def start_cluster(work: Path, cpu: str | None) -> Any:
+    """A local Redis Cluster (3 masters, 3 replicas), its nodes pinned to `cpu` like Redis."""
+    from tests.support.redis_topologies import RedisClusterNodes
+
+    cluster = RedisClusterNodes(tmp=work).start()
+    if cpu is not None:
+        for node in cluster.nodes:
+            subprocess.run(["taskset", "-cp", cpu, str(node.pid)], check=True,
+                           capture_output=True)
+    log(f"redis cluster: masters {[m.port for m in cluster.masters()]}")
+    return cluster
+
+
 def bench(args: argparse.Namespace) -> Report:
     pin = (os.cpu_count() or 1) >= 2 and not args.no_pin
     server_cpu = SERVER_CPU if pin else None
@@ -618,7 +636,10 @@ def bench(args: argparse.Namespace) -> Report:
     work = Path(tempfile.mkdtemp(prefix="authz-bench-"))
     log(f"work dir {work}")
     redis_proc, redis_port = start_redis(work, client_cpu)
+    cluster = None
     try:
+        if "full-cluster" in args.servers and not args.rss_only:
+            cluster = start_cluster(work, client_cpu)
         world = write_world(work / "world")
         signer = world.signer()
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -669,6 +690,12 @@ def bench(args: argparse.Namespace) -> Report:
             # request, so here its caller says "not sampled" (traceparent flags 00): the ~99%
             # of a mesh's checks that get no span at all. The sampled 1% cost what full-otel's
             # checks cost, i.e. 0.01 x (1 - the always-on ratio) more: ~0.002.
+            # The same decision on a local 3-master Redis Cluster (its 6 nodes pinned with
+            # Redis's core): the bench identity's slot decides which master answers.
+            **({"full-cluster": Server("full-cluster", authz_argv(cfg(
+                "cluster", ports["full-cluster"], cluster.url(),
+                store={"redis_mode": "cluster", "redis_nodes": cluster.seeds()[1:]}), 1),
+                ports["full-cluster"], True, BENCH_USER, health=True)} if cluster else {}),
             "full-otel-1pct": Server("full-otel-1pct", authz_argv(
                 cfg("otel-1pct", ports["full-otel-1pct"], redis_url, metrics_port=free_port()),
                 1), ports["full-otel-1pct"], True, BENCH_USER, health=True,
@@ -744,6 +771,8 @@ def bench(args: argparse.Namespace) -> Report:
             rep.rss = measure_rss(world, work, redis_url, args, server_cpu)
     finally:
         redis_proc.stop()
+        if cluster is not None:
+            cluster.stop()
     rep.machine["loadavg_end"] = os.getloadavg()
     if not args.keep:
         import shutil
@@ -838,6 +867,7 @@ def render(rep: Report) -> str:
     targets = {"full/floor": (">=", TARGET_FULL_OVER_FLOOR),
                "full/naive": (">=", TARGET_FULL_OVER_NAIVE),
                "light p99 full/floor": ("<=", TARGET_P99_OVER_FLOOR),
+               "cluster/standalone CPU per check": ("<=", TARGET_CLUSTER_CPU_OVER_STANDALONE),
                **{f"{key} (paired rounds)": (">=", target)
                   for key, _name, target in TELEMETRY_RATIOS}}
     for key, val in rat.items():
@@ -867,7 +897,7 @@ def render(rep: Report) -> str:
 
 
 SERVER_NAMES = ("floor", "io-floor", "full-redis", "naive", "full-memory", "full-notel",
-                "full-otel", "full-otel-1pct")
+                "full-otel", "full-otel-1pct", "full-cluster")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -238,6 +238,7 @@ class World:
         token_cache_size: int | None = None,
         log_level: str = "WARNING",
         metrics_port: int = 0,
+        store: dict[str, Any] | None = None,
     ) -> str:
         """A service config for this world (JSON is valid YAML: no quoting surprises)."""
         auth: dict[str, Any] = {
@@ -254,7 +255,7 @@ class World:
             "server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": metrics_port,
                        "drain_delay": "0s", "shutdown_grace": "2s"},
             "auth": auth,
-            "store": {"redis_url": redis_url},
+            "store": {"redis_url": redis_url, **(store or {})},
             "quota_file": str(self.quota_file),
             "telemetry": {"log_level": log_level, "log_format": "text"},
         }

@@ -42,7 +42,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     summary = data["summary"]
     assert set(summary) == {"floor", "io-floor", "full-redis", "naive", "full-memory",
-                            "full-notel", "full-otel", "full-otel-1pct"}
+                            "full-notel", "full-otel", "full-otel-1pct", "full-cluster"}
     for name, s in summary.items():
         assert s["rps"] > 0, name
         assert s["light_p99_ms"] > 0, name

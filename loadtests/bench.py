@@ -695,7 +695,8 @@ def bench(args: argparse.Namespace) -> Report:
             **({"full-cluster": Server("full-cluster", authz_argv(cfg(
                 "cluster", ports["full-cluster"], cluster.url(),
                 store={"redis_mode": "cluster", "redis_nodes": cluster.seeds()[1:]}), 1),
-                ports["full-cluster"], True, BENCH_USER, health=True)} if cluster else {}),
+                # uses_redis False: the standalone Redis's command counts are not its own.
+                ports["full-cluster"], False, BENCH_USER, health=True)} if cluster else {}),
             "full-otel-1pct": Server("full-otel-1pct", authz_argv(
                 cfg("otel-1pct", ports["full-otel-1pct"], redis_url, metrics_port=free_port()),
                 1), ports["full-otel-1pct"], True, BENCH_USER, health=True,

@@ -348,3 +348,42 @@ async def test_replica_acks_wait_for_a_connected_replica(own_sentinels: RedisSen
                 await asyncio.sleep(0.1)
     finally:
         await store.close()
+
+
+async def test_sentinel_switchover_demotes_the_master_under_load(own_sentinels: RedisSentinels
+                                                                ) -> None:
+    """SENTINEL FAILOVER: the master stays up but becomes a replica. Writes to it then get
+    READONLY (or the connection is closed); the store asks the sentinels again and follows the
+    new master, never writing to the demoted one."""
+    store = sentinel_store(own_sentinels, timeout=TIMEOUT, replica_acks=1)
+    await store.start(wait=True)
+    identities = [uuid.uuid4().hex for _ in range(10)]
+    load = Load(identities)
+    until = asyncio.Event()
+    old = own_sentinels.current_master()
+    try:
+        runner = asyncio.create_task(load.run(store, until))
+        await asyncio.sleep(1.0)
+        with own_sentinels.sentinels[0].client() as c:
+            c.execute_command("SENTINEL", "FAILOVER", own_sentinels.name)
+        switched = time.monotonic()
+        await asyncio.to_thread(own_sentinels.wait_failover, old, switched)
+        await asyncio.sleep(2.0)
+        until.set()
+        await runner
+    finally:
+        await store.close()
+    assert not load.unexpected, load.unexpected
+    new = own_sentinels.current_master()
+    assert new is not old
+    assert store.stats.topology_refreshes >= 2  # it asked the sentinels again
+    for identity in identities:
+        assert any(t > switched for t in load.allowed_at.get(identity, [])), identity
+    deadline = time.monotonic() + 15  # the sentinels reconfigure the old master in their time
+    while True:
+        with old.client() as c:
+            if c.info("replication")["role"] == "slave":
+                break
+        assert time.monotonic() < deadline, "the old master was never demoted"
+        await asyncio.sleep(0.1)
+    load.check_exact()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from .buckets.store import BucketState, ChargeResult
 from .config.settings import Settings
+from .quota.model import Limit
 from .quota.resolve import Grant, Refusal
 from .tokens.identity import Identity, TokenFailure
 
@@ -27,6 +29,8 @@ class Outcome(StrEnum):
     INVALID_REQUEST = "invalid_request"  # 400
     # store failed or not ready: 503, or allowed (degraded) under store.on_error: allow
     BACKEND_ERROR = "backend_error"
+    # allowed by shadow mode: enforcement would have refused it (the reason says how)
+    SHADOW = "shadow"
     INTERNAL_ERROR = "internal_error"  # 500: a bug, answered explicitly
 
 
@@ -102,8 +106,12 @@ class Answers:
         self._identity_headers = (h.subject, h.issuer, h.plan)
         # Client-sent copies of headers we do not set on this request are removed; the ones we
         # set are overwritten (Envoy applies removals after sets, so never list both).
-        self._remove_when_allowed = (h.degraded,)
-        self._remove_when_public = (*self._identity_headers, h.degraded)
+        self._remove_when_allowed = (h.degraded, h.shadow)
+        self._remove_when_shadowed = (h.degraded,)
+        self._remove_when_degraded = (h.shadow,)
+        self._remove_when_public = (*self._identity_headers, h.degraded, h.shadow)
+        self._ratelimit = (_structured_ratelimit if h.ratelimit_style == "structured"
+                           else _triple_ratelimit)
         self._public = Decision(True, 200, Outcome.PUBLIC_PATH, "public_path",
                                 remove_headers=self._remove_when_public)
         self._other = (
@@ -169,19 +177,34 @@ class Answers:
                 (h.issuer, header_value(identity.issuer)),
                 (h.plan, plan))
 
+    def _allowed(self, identity: Identity, grant: Grant, would_be: str, limit: str,
+                 response_headers: Headers, cache_hit: bool | None) -> Decision:
+        """An allow; with `would_be` (shadow mode) marked for the upstream with what
+        enforcement would have answered, and counted as such."""
+        if not would_be:
+            return Decision(True, 200, Outcome.ALLOWED, "ok",
+                            upstream_headers=self._identity(identity, grant.plan),
+                            remove_headers=self._remove_when_allowed,
+                            response_headers=response_headers, plan=grant.plan,
+                            model=grant.rule, limit=limit, token_cache_hit=cache_hit)
+        return Decision(True, 200, Outcome.SHADOW, would_be.partition(",")[0],
+                        upstream_headers=(*self._identity(identity, grant.plan),
+                                          (self._h.shadow, would_be)),
+                        remove_headers=self._remove_when_shadowed,
+                        response_headers=response_headers, plan=grant.plan, model=grant.rule,
+                        limit=limit, token_cache_hit=cache_hit)
+
     def unlimited(self, identity: Identity, grant: Grant,
                   cache_hit: bool | None = None) -> Decision:
-        return Decision(True, 200, Outcome.ALLOWED, "ok",
-                        upstream_headers=self._identity(identity, grant.plan),
-                        remove_headers=self._remove_when_allowed,
-                        plan=grant.plan, model=grant.rule, token_cache_hit=cache_hit)
+        return self._allowed(identity, grant, grant.shadowed, "", (), cache_hit)
 
     def store_failed(self, identity: Identity, grant: Grant,
                      cache_hit: bool | None = None) -> Decision:
-        if self._store_policy == "allow":
+        if (grant.on_error or self._store_policy) == "allow":
             return Decision(True, 200, Outcome.BACKEND_ERROR, "store_unavailable",
                             upstream_headers=(*self._identity(identity, grant.plan),
                                               (self._h.degraded, "store-unavailable")),
+                            remove_headers=self._remove_when_degraded,
                             plan=grant.plan, model=grant.rule, token_cache_hit=cache_hit)
         return Decision(False, 503, Outcome.BACKEND_ERROR, "store_unavailable",
                         response_headers=(*_JSON, ("retry-after", "1")),
@@ -190,29 +213,64 @@ class Answers:
 
     def charged(self, identity: Identity, grant: Grant, result: ChargeResult,
                 cache_hit: bool | None = None) -> Decision:
+        states = result.buckets
+        limits = grant.limits if len(grant.limits) == len(states) else (None,) * len(states)
         if result.allowed:
-            # The most restrictive limit: fewest requests left, then the longest until full.
-            b = min(result.buckets, key=lambda s: (s.remaining, -s.reset_after))
-            return Decision(True, 200, Outcome.ALLOWED, "ok",
-                            upstream_headers=self._identity(identity, grant.plan),
-                            remove_headers=self._remove_when_allowed,
-                            response_headers=_ratelimit(b),
-                            plan=grant.plan, model=grant.rule, limit=b.name,
-                            token_cache_hit=cache_hit)
-        # The limit that decided: the one the caller must wait longest for.
-        b = max(result.buckets, key=lambda s: s.retry_after)
+            # The most restrictive limit: fewest tokens left, then the longest until full.
+            i = min(range(len(states)),
+                    key=lambda j: (states[j].remaining, -states[j].reset_after))
+            would_be = grant.shadowed
+            limit = states[i].name
+            if result.shadow_refused:
+                # The shadow limit enforcement would have refused on: the longest wait.
+                shadows = [j for j, spec in enumerate(grant.buckets) if spec.shadow]
+                w = max(shadows or range(len(states)), key=lambda j: states[j].retry_after)
+                limit = states[w].name
+                would_be = ",".join(filter(None, (grant.shadowed, "rate_limited")))
+            return self._allowed(identity, grant, would_be, limit,
+                                 self._ratelimit(states, limits, i), cache_hit)
+        # The limit that decided: the enforced one the caller must wait longest for.
+        enforced = [j for j, spec in enumerate(grant.buckets) if not spec.shadow]
+        i = max(enforced or range(len(states)), key=lambda j: states[j].retry_after)
         retry = max(1, math.ceil(result.retry_after))
+        name = states[i].name
         return Decision(False, 429, Outcome.RATE_LIMITED, "rate_limited",
-                        response_headers=(("retry-after", str(retry)), *_ratelimit(b), *_JSON),
-                        body=_body(error="rate_limited", reason="rate_limited", limit=b.name,
+                        response_headers=(("retry-after", str(retry)),
+                                          *self._ratelimit(states, limits, i), *_JSON),
+                        body=_body(error="rate_limited", reason="rate_limited", limit=name,
                                    plan=grant.plan, retry_after=retry),
-                        plan=grant.plan, model=grant.rule, limit=b.name,
+                        plan=grant.plan, model=grant.rule, limit=name,
                         token_cache_hit=cache_hit)
 
 
-def _ratelimit(b: BucketState) -> Headers:
-    # IETF draft-ietf-httpapi-ratelimit-headers: limit, remaining (whole requests), and reset
-    # (whole seconds until the bucket is full again, rounded up).
+def _triple_ratelimit(states: Sequence[BucketState], limits: Sequence[Limit | None],
+                      i: int) -> Headers:
+    # The older drafts' three fields, for the limit that decides: its capacity, the whole
+    # tokens left, and the whole seconds until the bucket is full again (rounded up).
+    b = states[i]
     return (("ratelimit-limit", str(int(b.capacity))),
             ("ratelimit-remaining", str(max(0, math.floor(b.remaining)))),
             ("ratelimit-reset", str(max(0, math.ceil(b.reset_after)))))
+
+
+def _structured_ratelimit(states: Sequence[BucketState], limits: Sequence[Limit | None],
+                          i: int) -> Headers:
+    # draft-ietf-httpapi-ratelimit-headers-08 and later (-11): RateLimit-Policy lists every
+    # limit as a quota policy, "<name>";q=<quota>;w=<window s>, the quota being the limit's
+    # configured `rate` per its `per`; RateLimit gives the one that decides,
+    # "<name>";r=<whole tokens left>;t=<seconds until full>. Quota units are tokens: a request
+    # that costs more than one takes more than one from `r`.
+    policies = []
+    for b, limit in zip(states, limits, strict=True):
+        if limit is None:
+            policies.append(f'"{b.name}";q={int(b.capacity)}')
+        elif limit.count >= 1:
+            # Both are integers in the fields: a fractional count is rounded.
+            policies.append(f'"{b.name}";q={round(limit.count)};'
+                            f'w={max(1, math.ceil(limit.per))}')
+        else:  # less than one token per period: one token per (period / count)
+            policies.append(f'"{b.name}";q=1;w={max(1, math.ceil(limit.per / limit.count))}')
+    b = states[i]
+    return (("ratelimit-policy", ", ".join(policies)),
+            ("ratelimit", f'"{b.name}";r={max(0, math.floor(b.remaining))};'
+                          f't={max(0, math.ceil(b.reset_after))}'))

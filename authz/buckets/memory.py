@@ -69,7 +69,8 @@ class MemoryBucketStore:
         prefix = self._prefix
         keys = [prefix + spec.key for spec in buckets]
         levels: list[float] = []
-        allowed = True
+        allowed = True  # every enforced bucket holds `cost`
+        complete = True  # every bucket does, shadow ones included
         for spec, key in zip(buckets, keys, strict=True):
             level = spec.capacity
             entry = table.get(key)
@@ -82,12 +83,15 @@ class MemoryBucketStore:
                     level = min(spec.capacity, tokens + elapsed * spec.rate)
             levels.append(level)
             if level + EPSILON < cost:
-                allowed = False
+                complete = False
+                if not spec.shadow:
+                    allowed = False
+        shadow_refused = allowed and not complete
 
         states: list[BucketState] = []
         retry_after = 0.0
         for spec, key, level in zip(buckets, keys, levels, strict=True):
-            if allowed:
+            if allowed and (complete or not spec.shadow):
                 remaining = max(0.0, level - cost)
                 reset_after = (spec.capacity - remaining) / spec.rate
                 table[key] = (remaining, now, now + reset_after + TTL_MARGIN)
@@ -95,13 +99,14 @@ class MemoryBucketStore:
                 remaining = level
                 reset_after = (spec.capacity - remaining) / spec.rate
             wait = (cost - remaining) / spec.rate if remaining + EPSILON < cost else 0.0
-            if not allowed and wait > retry_after:
-                retry_after = wait
+            # Refused: the wait for the enforced buckets. Shadow-refused: the would-be wait.
+            if (not allowed and not spec.shadow) or (shadow_refused and spec.shadow):
+                retry_after = max(retry_after, wait)
             states.append(BucketState(spec.name, spec.capacity, remaining, reset_after, wait))
 
         if len(table) >= self._sweep_size or now >= self._sweep_time:
             self._sweep(now)
-        return ChargeResult(allowed, tuple(states), retry_after)
+        return ChargeResult(allowed, tuple(states), retry_after, shadow_refused)
 
     def _sweep(self, now: float) -> None:
         table = self._buckets

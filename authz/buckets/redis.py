@@ -29,6 +29,8 @@ from .transport.topology import Cluster, Sentinel, Standalone, Transport
 SCRIPT = resources.files(__package__).joinpath("token_bucket.lua").read_bytes()
 SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest().encode()
 MODES = ("standalone", "sentinel", "cluster")
+_SHADOW = resp.bulk(b"1")
+_ENFORCED = resp.bulk(b"0")
 
 __all__ = ["MODES", "SCRIPT", "SCRIPT_SHA", "RedisBucketStore", "RedisStoreStats"]
 
@@ -65,7 +67,7 @@ class RedisBucketStore:
         self._down_reason = "Redis store not started"
         self.stats = RedisStoreStats()
         self._heads: dict[int, bytes] = {}
-        self._spec_args: dict[tuple[float, float], bytes] = {}
+        self._spec_args: dict[tuple[float, float, bool], bytes] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def _build(self) -> Transport:
@@ -153,8 +155,8 @@ class RedisBucketStore:
         n = len(buckets)
         head = self._heads.get(n)
         if head is None:
-            # EVALSHA sha numkeys key... cost (capacity rate)...
-            head = self._heads[n] = (b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 3 * n)
+            # EVALSHA sha numkeys key... cost (capacity rate shadow)...
+            head = self._heads[n] = (b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 4 * n)
                                      + resp.bulk(SCRIPT_SHA) + resp.bulk(b"%d" % n))
         parts = [head]
         prefix = self._prefix
@@ -163,26 +165,28 @@ class RedisBucketStore:
         parts.append(resp.number(cost))
         cache = self._spec_args
         for spec in buckets:
-            args = cache.get((spec.capacity, spec.rate))
+            key = (spec.capacity, spec.rate, spec.shadow)
+            args = cache.get(key)
             if args is None:
                 if len(cache) > 1024:  # distinct limits come from config: a handful
                     cache.clear()
-                args = cache[(spec.capacity, spec.rate)] = (resp.number(spec.capacity)
-                                                            + resp.number(spec.rate))
+                args = cache[key] = (resp.number(spec.capacity) + resp.number(spec.rate)
+                                     + (_SHADOW if spec.shadow else _ENFORCED))
             parts.append(args)
         return b"".join(parts)
 
 
 def _result(buckets: Sequence[BucketSpec], reply: Any) -> ChargeResult:
-    """token_bucket.lua's {allowed, retry_after, (remaining, reset_after, retry_after)...}."""
+    """token_bucket.lua's {allowed, retry_after, shadow_refused,
+    (remaining, reset_after, retry_after)...}."""
     try:
         states = []
-        i = 2
+        i = 3
         for spec in buckets:
             states.append(BucketState(spec.name, spec.capacity, float(reply[i]),
                                       float(reply[i + 1]), float(reply[i + 2])))
             i += 3
-        return ChargeResult(reply[0] == 1, tuple(states), float(reply[1]))
+        return ChargeResult(reply[0] == 1, tuple(states), float(reply[1]), reply[2] == 1)
     except (TypeError, ValueError, IndexError) as e:
         raise StoreProtocolError(f"unexpected reply from token_bucket.lua: {reply!r:.200}"
                                  ) from e

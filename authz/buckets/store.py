@@ -6,6 +6,13 @@ behaviour tests (tests/buckets) run against each.
 Token bucket: a bucket holds up to `capacity` tokens (the burst) and refills continuously at
 `rate` tokens per second. A request of cost c is admitted when EVERY bucket it touches holds at
 least c tokens; then c is taken from each. If any bucket is short, none is charged.
+
+Shadow buckets (shadow mode, `BucketSpec.shadow`) never refuse: a request is admitted when every
+*enforced* bucket holds c; enforced buckets are then charged, and shadow buckets only if they
+held c too -- i.e. a shadow bucket is charged exactly when enforcement would have admitted the
+request, so its level is what it would be under enforcement and switching it on changes
+nothing but the answers. `ChargeResult.shadow_refused` says a shadow bucket was short (the
+request would have been refused).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class BucketSpec:
     name: str  # limit name, for headers and telemetry
     capacity: float  # burst
     rate: float  # tokens per second
+    shadow: bool = False  # never refuses; charged only when enforcement would admit
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +53,11 @@ class BucketState:
 class ChargeResult:
     allowed: bool
     buckets: tuple[BucketState, ...]  # same order as the specs given to charge()
-    # 0 when allowed; else the longest wait among the buckets that were short.
+    # 0 when allowed (and complete); else the longest wait among the buckets that were short:
+    # the enforced ones when refused, the shadow ones when `shadow_refused`.
     retry_after: float
+    # Allowed, but a shadow bucket was short: enforcement would have refused it.
+    shadow_refused: bool = False
 
 
 class BucketStore(Protocol):

@@ -1,17 +1,23 @@
 -- Charge token buckets all or none, in one call (authz/buckets/base.py has the semantics;
 -- authz/buckets/memory.py is the same arithmetic in Python and must stay in step).
 --
--- KEYS[i]               bucket i ("<prefix>{<identity hash>}:<plan>:<limit>": one hash tag,
---                       so one identity's buckets share a Redis Cluster slot)
+-- KEYS[i]               bucket i ("<prefix>{<tag>}:<plan>:<limit>...": one hash tag for all,
+--                       so a request's buckets share a Redis Cluster slot)
 -- ARGV[1]               cost
--- ARGV[2i], ARGV[2i+1]  capacity and rate (tokens per second) of bucket i
+-- ARGV[3i-1], ARGV[3i], ARGV[3i+1]
+--                       capacity, rate (tokens per second) and shadow (1|0) of bucket i
+--
+-- A shadow bucket never refuses: the request is admitted when every enforced bucket holds
+-- `cost`; enforced buckets are then charged, shadow ones only if they held it too (exactly when
+-- enforcement would have admitted the request).
 --
 -- A bucket is stored as the string "<tokens> <time in microseconds>": its level after the
 -- last admitted charge and when that was. One SET ... PX writes value and TTL together. The
 -- TTL is the time until the bucket is full again plus a margin: an expired (absent) bucket
 -- reads as full, so idle buckets cost no memory.
 --
--- Returns {allowed (1|0), retry_after, then per bucket: remaining, reset_after, retry_after}.
+-- Returns {allowed (1|0), retry_after, shadow_refused (1|0), then per bucket: remaining,
+-- reset_after, retry_after}.
 -- Numbers go back as strings because Redis truncates Lua numbers to integers.
 
 -- Redis's own clock, so every replica of the service agrees on time. Microseconds since the
@@ -27,11 +33,13 @@ local TTL_MARGIN_MS = 1000
 local cost = tonumber(ARGV[1])
 local n = #KEYS
 local levels = {}
-local allowed = 1
+local allowed = 1   -- every enforced bucket holds `cost`
+local complete = 1  -- every bucket does, shadow ones included
 
 for i = 1, n do
-  local capacity = tonumber(ARGV[2 * i])
-  local rate = tonumber(ARGV[2 * i + 1])
+  local capacity = tonumber(ARGV[3 * i - 1])
+  local rate = tonumber(ARGV[3 * i])
+  local shadow = ARGV[3 * i + 1] == '1'
   local level = capacity
   local stored = redis.call('GET', KEYS[i])
   if stored then
@@ -48,17 +56,23 @@ for i = 1, n do
     if level > capacity then level = capacity end
   end
   levels[i] = level
-  if level + EPSILON < cost then allowed = 0 end
+  if level + EPSILON < cost then
+    complete = 0
+    if not shadow then allowed = 0 end
+  end
 end
+local shadow_refused = 0
+if allowed == 1 and complete == 0 then shadow_refused = 1 end
 
-local out = {allowed, '0'}
+local out = {allowed, '0', shadow_refused}
 local retry_after = 0
 for i = 1, n do
-  local capacity = tonumber(ARGV[2 * i])
-  local rate = tonumber(ARGV[2 * i + 1])
+  local capacity = tonumber(ARGV[3 * i - 1])
+  local rate = tonumber(ARGV[3 * i])
+  local shadow = ARGV[3 * i + 1] == '1'
   local remaining = levels[i]
   local reset_after
-  if allowed == 1 then
+  if allowed == 1 and (complete == 1 or not shadow) then
     remaining = remaining - cost
     if remaining < 0 then remaining = 0 end
     reset_after = (capacity - remaining) / rate
@@ -69,7 +83,10 @@ for i = 1, n do
   end
   local wait = 0
   if remaining + EPSILON < cost then wait = (cost - remaining) / rate end
-  if allowed == 0 and wait > retry_after then retry_after = wait end
+  -- Refused: the wait for the enforced buckets. Shadow-refused: the would-be wait.
+  if ((allowed == 0 and not shadow) or (shadow_refused == 1 and shadow)) and wait > retry_after then
+    retry_after = wait
+  end
   out[#out + 1] = string.format('%.17g', remaining)
   out[#out + 1] = string.format('%.17g', reset_after)
   out[#out + 1] = string.format('%.17g', wait)

@@ -350,9 +350,12 @@ def _headers(n: Node) -> HeaderSettings:
         issuer=_header_name(n, "issuer", d.issuer),
         plan=_header_name(n, "plan", d.plan),
         degraded=_header_name(n, "degraded", d.degraded),
+        shadow=_header_name(n, "shadow", d.shadow),
+        ratelimit_style=cast(Any, n.choice("ratelimit_style", d.ratelimit_style,
+                                           ("triple", "structured"))),
     )
     n.done()
-    names = [s.subject, s.issuer, s.plan, s.degraded]
+    names = [s.subject, s.issuer, s.plan, s.degraded, s.shadow]
     if not n.failed and len(set(names)) != len(names):
         n.report("", "header names must be distinct")
     return s

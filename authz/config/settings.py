@@ -116,6 +116,13 @@ class HeaderSettings:
     plan: str = "x-auth-plan"
     # Set on requests let through because the store failed under on_error: allow.
     degraded: str = "x-authz-degraded"
+    # Set on requests shadow mode let through: what enforcement would have answered
+    # ("rate_limited", "model_not_allowed", "blocked").
+    shadow: str = "x-authz-shadow"
+    # The RateLimit fields for the client: "triple" (RateLimit-Limit / -Remaining / -Reset, the
+    # older drafts' form) or "structured" (RateLimit-Policy and RateLimit, structured fields of
+    # draft-ietf-httpapi-ratelimit-headers-08 and later).
+    ratelimit_style: Literal["triple", "structured"] = "triple"
 
 
 @dataclass(frozen=True, slots=True)

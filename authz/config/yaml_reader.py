@@ -290,6 +290,14 @@ class Node:
                                    f"{_short(value)}", default))
         return seconds
 
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            return bool(self._bad(name, f"expected true or false, got {_kind(value)}", default))
+        return value
+
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default)
         if value not in choices:

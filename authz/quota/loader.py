@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..config.yaml_reader import Node, parse_yaml, read_text
 from ..errors import ConfigError
-from .model import BLOCKED, BUILTIN_PLANS, UNLIMITED, Limit, ModelRule, Plan, Quota
+from .model import (
+    BLOCKED,
+    BUILTIN_PLANS,
+    SHADOWABLE_REFUSALS,
+    UNLIMITED,
+    Limit,
+    ModelRule,
+    Plan,
+    Quota,
+)
 
 # Plan and limit names end up in Redis keys, metric labels and headers: keep them plain.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Claim names a limit can be scoped to (JWT claim names are strings; these are the plain ones).
+_CLAIM = re.compile(r"^[A-Za-z_][A-Za-z0-9_:.-]{0,63}$")
 # Model patterns: KServe/OIP model names plus glob characters.
 _PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]-][A-Za-z0-9_.*?\[\]-]{0,127}$")
 
@@ -64,8 +76,12 @@ def parse_quota(data: Any, file: str) -> Quota:
     root = Node.root(file, data)
     problems = root.problems
     plan_claim = root.text("plan_claim", "plan", allow_empty=False)
+    shadow = _Shadow(False, frozenset())
+    with problems.part():
+        shadow = _shadow(root, "shadow", shadow)
     plans: dict[str, Plan] = {UNLIMITED: Plan(UNLIMITED, unlimited=True),
-                              BLOCKED: Plan(BLOCKED, blocked=True)}
+                              BLOCKED: Plan(BLOCKED, blocked=True,
+                                            shadow_refusals=shadow.refusals)}
     plans_node = root.section("plans")
     if len(plans_node.data) > MAX_PLANS:
         root.report("plans", f"more than {MAX_PLANS} plans")
@@ -82,7 +98,8 @@ def parse_quota(data: Any, file: str) -> Quota:
             continue
         named.add(name)
         with problems.part():
-            plans[name] = _plan(plans_node.child(key, plans_node.raw(name) or {}), name)
+            plans[name] = _plan(plans_node.child(key, plans_node.raw(name) or {}), name,
+                                shadow)
     default_plan = BLOCKED
     with problems.part():
         default_plan = (root.text("default_plan", allow_empty=False) if plans_node.data else
@@ -110,8 +127,39 @@ def parse_quota(data: Any, file: str) -> Quota:
                  overrides=overrides)
 
 
-def _plan(n: Node, name: str) -> Plan:
-    limits = _limits(n, "limits")
+@dataclass(frozen=True, slots=True)
+class _Shadow:
+    rate_limits: bool  # every limit in shadow mode
+    refusals: frozenset[str]  # refusals answered as marked allows
+
+
+def _shadow(n: Node, key: str, inherited: _Shadow) -> _Shadow:
+    """`shadow: true` (every limit), or `shadow: {rate_limits: bool, refusals: [...]}`; what a
+    plan says adds to what the file says for all plans."""
+    raw = n.raw(key)
+    if raw is None:
+        return inherited
+    if isinstance(raw, bool):
+        return _Shadow(inherited.rate_limits or raw, inherited.refusals)
+    sn = n.section(key)
+    rate_limits = sn.flag("rate_limits", False)
+    refusals = sn.str_list("refusals", ())
+    sn.done()
+    bad = [r for r in refusals if r not in SHADOWABLE_REFUSALS]
+    if bad:
+        sn.report("refusals", f"unknown refusal {bad[0]!r}; expected some of "
+                  f"{', '.join(SHADOWABLE_REFUSALS)}")
+    return _Shadow(inherited.rate_limits or rate_limits,
+                   inherited.refusals | {r for r in refusals if r in SHADOWABLE_REFUSALS})
+
+
+def _plan(n: Node, name: str, inherited: _Shadow) -> Plan:
+    shadow = _shadow(n, "shadow", inherited)
+    on_error = n.opt_str("on_error")
+    if on_error not in (None, "deny", "allow"):
+        n.report("on_error", f"expected deny or allow, got {on_error!r}")
+        on_error = None
+    limits = _limits(n, "limits", shadow.rate_limits)
     models: tuple[ModelRule, ...] | None = None
     if n.has("models"):
         models_node = n.section("models")
@@ -127,7 +175,8 @@ def _plan(n: Node, name: str) -> Plan:
             with n.problems.part():
                 rn = models_node.child(key, models_node.raw(pattern) or {})
                 cost = rn.integer("cost", 1, minimum=1, maximum=MAX_COST)
-                rule = ModelRule(pattern=pattern, cost=cost, limits=_limits(rn, "limits"))
+                rule = ModelRule(pattern=pattern, cost=cost,
+                                 limits=_limits(rn, "limits", shadow.rate_limits))
                 rn.done()
                 every = (*limits, *rule.limits)
                 if len(every) > MAX_LIMITS_PER_REQUEST:
@@ -165,10 +214,20 @@ def _plan(n: Node, name: str) -> Plan:
     if dupes:
         n.report("limits", f"limit name {sorted(dupes)[0]!r} used twice in plan {name!r} "
                  "(names key the buckets, so they must be unique within a plan)")
-    return Plan(name=name, limits=limits, models=models)
+    # One scope claim per plan: all of a request's bucket keys carry that scope's hash tag
+    # (so a Redis Cluster keeps them in one slot and charges them in one script call); two
+    # scopes would need two tags.
+    scopes = sorted({lim.scope for lim in (*limits, *(x for r in models or () for x in r.limits))
+                     if lim.scope})
+    if len(scopes) > 1:
+        n.report("limits", f"shared limits use the scopes {', '.join(map(repr, scopes))}; a "
+                 "plan's shared limits must all use one scope claim (every key of a request "
+                 "must share one Redis Cluster hash tag)")
+    return Plan(name=name, limits=limits, models=models, on_error=on_error,
+                shadow_refusals=shadow.refusals, scope=scopes[0] if len(scopes) == 1 else None)
 
 
-def _limits(n: Node, key: str) -> tuple[Limit, ...]:
+def _limits(n: Node, key: str, shadow: bool) -> tuple[Limit, ...]:
     out = []
     for path, raw in n.items(key):
         with n.problems.part():
@@ -179,7 +238,12 @@ def _limits(n: Node, key: str) -> tuple[Limit, ...]:
             count = ln.number("rate", maximum=MAX_TOKENS)
             per = ln.duration("per", 1.0, minimum=MIN_PER, maximum=MAX_PER)
             burst = ln.number("burst", min(count, MAX_TOKENS), maximum=MAX_TOKENS)
+            limit_shadow = ln.flag("shadow", False)
+            scope = ln.opt_str("scope")
             ln.done()
+            if scope is not None and not _CLAIM.match(scope):
+                ln.report("scope", f"expected a claim name (letters, digits, '_', '-', ':', '.'), "
+                          f"got {scope!r}")
             if ln.failed:
                 continue
             rate = count / per
@@ -194,5 +258,6 @@ def _limits(n: Node, key: str) -> tuple[Limit, ...]:
                           f"(burst {burst:g} at {count:g} per {per:g}s); at most 10 years "
                           f"({MAX_TIME_TO_FULL:g} s): raise rate or lower burst")
                 continue
-            out.append(Limit(name=name, rate=rate, burst=burst, count=count, per=per))
+            out.append(Limit(name=name, rate=rate, burst=burst, count=count, per=per,
+                             shadow=shadow or limit_shadow, scope=scope))
     return tuple(out)

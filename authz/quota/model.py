@@ -12,6 +12,10 @@ BLOCKED = "blocked"
 BUILTIN_PLANS = (UNLIMITED, BLOCKED)
 
 
+# Refusals that shadow mode can turn into marked allows (the quota file's `shadow.refusals`).
+SHADOWABLE_REFUSALS = ("model_not_allowed", "blocked")
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     name: str
@@ -19,6 +23,12 @@ class Limit:
     burst: float  # bucket capacity
     count: float  # as configured: `count` tokens ...
     per: float  # ... per `per` seconds
+    # Shadow mode: a request this limit alone would refuse is allowed (and marked); the bucket
+    # is charged only when enforcement would have admitted the request.
+    shadow: bool = False
+    # A verified claim (e.g. "org"): the bucket is shared by every caller carrying the same
+    # value of it (from the same issuer), instead of being the caller's own.
+    scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +47,14 @@ class Plan:
     models: tuple[ModelRule, ...] | None = None
     unlimited: bool = False
     blocked: bool = False
+    # What a store failure means for this plan's requests: "deny" (503) or "allow" (marked);
+    # None: the service's store.on_error.
+    on_error: str | None = None
+    # Refusals answered as marked allows (shadow mode): some of SHADOWABLE_REFUSALS.
+    shadow_refusals: frozenset[str] = frozenset()
+    # The claim this plan's shared limits are scoped to (one per plan: every key of a request
+    # must share one Redis Cluster hash tag), or None when all its limits are the caller's own.
+    scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,3 +63,9 @@ class Quota:
     default_plan: str
     plans: Mapping[str, Plan]  # includes the built-ins
     overrides: Mapping[tuple[str, str], str]  # (issuer, subject) -> plan name
+
+    @property
+    def claims_used(self) -> frozenset[str]:
+        """The verified claims decisions read: the plan claim and every scope claim (the token
+        cache keeps these and drops the rest)."""
+        return frozenset({self.plan_claim, *(p.scope for p in self.plans.values() if p.scope)})

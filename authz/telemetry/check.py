@@ -215,7 +215,10 @@ class CheckRecorder:
                     if outcome in _ERROR_OUTCOMES:
                         span.set_status(Status(StatusCode.ERROR, decision.reason))
                 span.end()
-            if not decision.allowed and _deny_log.isEnabledFor(self._deny_level):
+            # Denials, and what shadow mode let through (what enforcement would deny), share
+            # the one sampled line.
+            if (not decision.allowed or outcome is Outcome.SHADOW) and \
+                    _deny_log.isEnabledFor(self._deny_level):
                 sampler = self._deny_sampler
                 if sampler.allow(time.monotonic()):
                     self._log_deny(scope, decision, subject, path)
@@ -280,7 +283,8 @@ class CheckRecorder:
             ctx = trace.get_current_span(scope._context).get_span_context()
             if ctx.is_valid:
                 fields["trace_id"] = format(ctx.trace_id, "032x")
-        _deny_log.log(self._deny_level, "deny", extra=fields)
+        _deny_log.log(self._deny_level, "deny" if not decision.allowed else "shadow",
+                      extra=fields)
 
     def subject_hash(self, subject: str) -> str:
         """Salted SHA-256 of the subject, first 16 hex chars (64 bits: collisions are

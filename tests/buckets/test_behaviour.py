@@ -187,3 +187,39 @@ async def test_concurrent_charges_never_over_admit(store: BucketStore, identity:
         # token is back in Redis: the cache may admit slightly less, never more.
         floor = math.floor(floor * 0.98)
     assert admitted >= floor, (admitted, inner, outer)
+
+
+def shadow_spec(identity: str, limit: str, capacity: float, rate: float) -> BucketSpec:
+    return BucketSpec(key=f"{{{identity}}}:free:{limit}", name=limit, capacity=capacity,
+                      rate=rate, shadow=True)
+
+
+async def test_a_shadow_bucket_never_refuses_and_evolves_as_enforced(
+        store: BucketStore, identity: str) -> None:
+    """Shadow mode: the would-be refusals are flagged, not refused; the bucket is charged only
+    when enforcement would have admitted, so its level is enforcement's."""
+    shadow = shadow_spec(identity, "per-minute", 3, SLOW)
+    for expected_left in (2, 1, 0):
+        r = await store.charge([shadow], 1)
+        assert r.allowed and not r.shadow_refused
+        assert r.buckets[0].remaining == pytest.approx(expected_left, abs=APPROX)
+    for _ in range(3):
+        r = await store.charge([shadow], 1)
+        assert r.allowed and r.shadow_refused  # enforcement would have said 429 ...
+        assert r.buckets[0].remaining == pytest.approx(0, abs=APPROX)  # ... and charged nothing
+        assert r.retry_after == pytest.approx(1 / SLOW, rel=1e-2)  # the would-be Retry-After
+
+
+async def test_enforced_limits_hold_beside_a_short_shadow_limit(store: BucketStore,
+                                                                identity: str) -> None:
+    enforced = spec(identity, "per-day", 4, SLOW)
+    shadow = shadow_spec(identity, "per-second", 2, SLOW)
+    results = [await store.charge([enforced, shadow], 1) for _ in range(5)]
+    assert [(r.allowed, r.shadow_refused) for r in results] == [
+        (True, False), (True, False),   # both have tokens: both charged
+        (True, True), (True, True),     # the shadow one is out: allowed, enforced one charged
+        (False, False)]                 # the enforced one is out: a real refusal
+    assert results[3].buckets[0].remaining == pytest.approx(0, abs=APPROX)
+    assert results[3].buckets[1].remaining == pytest.approx(0, abs=APPROX)
+    refused = results[4]
+    assert refused.retry_after == pytest.approx(1 / SLOW, rel=1e-2)

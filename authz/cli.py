@@ -48,6 +48,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--repeat", type=int, default=1,
                        help="send it N times in a row, one status line each")
 
+    quota = sub.add_parser("quota", help="inspect or reset one identity's buckets in Redis")
+    quota_sub = quota.add_subparsers(dest="quota_command", required=True)
+    for name, text in (("show", "every bucket of an identity: level now (Redis's clock), "
+                                "capacity, rate, time to full"),
+                       ("reset", "refill an identity's buckets, on every replica within ~1 s")):
+        q = quota_sub.add_parser(name, help=text, description=text)
+        q.add_argument("--config", default=os.environ.get("AUTHZ_CONFIG"),
+                       help="the service's config file (default: $AUTHZ_CONFIG)")
+        q.add_argument("--issuer", required=True, help="the token's iss")
+        q.add_argument("--subject", required=True, help="the token's sub")
+        q.add_argument("--plan", default=None, help="only this plan (default: every plan)")
+        q.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE",
+                       help="a claim of the caller's token, e.g. org=acme for plans with "
+                            "shared limits (repeatable)")
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "reset":
+            q.add_argument("--shared", action="store_true",
+                           help="also refill the buckets shared through --claim (the whole "
+                                "organisation's, not only this caller's)")
+
     demo = sub.add_parser("demo", help="service + a real Envoy + a model stand-in, ready for curl")
     demo.add_argument("--redis-url", default=None, help="use this Redis (default: in-memory)")
     demo.add_argument("--http-port", type=int, default=8080, help="Envoy's listener port")
@@ -60,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args.file)
         if args.command == "check":
             return _check(args)
+        if args.command == "quota":
+            return _quota(args)
         from .demo.run import run_demo
 
         return int(run_demo(redis_url=args.redis_url, http_port=args.http_port))
@@ -246,6 +268,48 @@ def _check_config(file: str) -> int:
 def _plan_count(quota: Any, builtin: tuple[str, ...]) -> str:
     defined = len([p for p in quota.plans if p not in builtin])
     return f"{defined} plan{'s' if defined != 1 else ''} (+ built-in {', '.join(builtin)})"
+
+
+def _quota(args: argparse.Namespace) -> int:
+    import json
+
+    from .buckets.redis import RedisBucketStore
+    from .quota_tool import Selection, parse_claims, render_reset, render_show, reset, show
+    from .service_config import load_service_config
+
+    loaded = load_service_config(args.config, env=os.environ)
+    settings, quota = loaded.settings, loaded.quota
+    s = settings.store
+    if not s.redis_url:
+        raise ConfigError(args.config or "<defaults>", "store.redis_url",
+                          "is empty: the in-memory store lives inside the serving process, "
+                          "where no other process can read or reset it")
+    sel = Selection(args.issuer, args.subject, args.plan, parse_claims(args.claim))
+
+    async def run() -> dict[str, Any]:
+        store = RedisBucketStore(
+            s.redis_url, key_prefix=s.key_prefix, timeout=max(s.timeout, 1.0),
+            mode=s.redis_mode, nodes=s.redis_nodes, sentinel_master=s.sentinel_master or None,
+            sentinel_username=s.sentinel_username or None,
+            sentinel_password=s.sentinel_password or None)
+        await store.start(wait=True)
+        try:
+            if args.quota_command == "show":
+                return await show(store, quota, sel)
+            return await reset(store, quota, sel, shared=args.shared)
+        finally:
+            await store.close()
+
+    try:
+        report = asyncio.run(run())
+    except KeyError as e:  # an unknown --plan
+        print(f"authz: {e.args[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_show(report) if args.quota_command == "show" else render_reset(report))
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ admitted before R -- except if someone resets the bucket by hand or the quota ch
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .store import BucketSpec, BucketState, BucketStore, ChargeResult
 
@@ -58,6 +58,18 @@ class DenyCache:
     def clear(self) -> None:
         """Forget every refusal (call after a quota reload)."""
         self._entries.clear()
+
+    def forget(self, markers: Iterable[str]) -> int:
+        """Forget the refusals of buckets whose key contains any of `markers` (an identity's
+        or a scope's hash: `authz quota reset`); returns how many. Walks every entry: resets
+        are an operator's action, seldom, and the cache is bounded (~30 ms at its 100k cap)."""
+        wanted = tuple(markers)
+        stale = [k for k in self._entries
+                 if any(isinstance(spec, BucketSpec) and m in spec.key
+                        for spec in k[1:] for m in wanted)]
+        for k in stale:
+            del self._entries[k]
+        return len(stale)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -151,6 +151,18 @@ class RedisBucketStore:
             stats.errors += 1
             raise
 
+    async def command(self, key: str, *args: bytes) -> Any:
+        """One Redis command on the node that holds `key` (its hash tag decides in a cluster):
+        for operators' tools and the resets feed, never the hot path. StoreError on failure."""
+        transport = self._transport
+        if transport is None:
+            raise StoreUnavailable(self._down_reason)
+        return await transport.execute(key, resp.command(*args), None)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
     def _pack(self, buckets: Sequence[BucketSpec], cost: float) -> bytes:
         n = len(buckets)
         head = self._heads.get(n)

@@ -107,18 +107,15 @@ class Resolver:
                 return Refusal(plan.name, "model_not_allowed")
             # Shadow mode: through on the plan's own limits, at cost 1, marked.
             charge, shadowed = _Charge("*", 1, plan.limits), "model_not_allowed"
+        scope_tag = None
         if plan.scope is not None:
             if not isinstance(scope_value, str) or not scope_value:
                 # Charging such a caller as a scope of its own would hand it a whole
                 # organisation's budget.
                 return Refusal(plan.name, "scope_claim_missing")
-            tag = scope_key(identity.issuer, plan.scope, scope_value)
-            own = f":{identity.key}"
-        else:
-            tag, own = identity.key, ""
-        prefix = f"{{{tag}}}:{plan.name}:"
+            scope_tag = scope_key(identity.issuer, plan.scope, scope_value)
         buckets = tuple(
-            BucketSpec(key=prefix + lim.name + ("" if lim.scope else own), name=lim.name,
+            BucketSpec(key=bucket_key(plan, lim, identity.key, scope_tag), name=lim.name,
                        capacity=lim.burst, rate=lim.rate, shadow=lim.shadow)
             for lim in charge.limits
         )
@@ -133,6 +130,16 @@ class Resolver:
             if len(memo) < _MODEL_MEMO_MAX:
                 memo[model] = found
         return found
+
+
+def bucket_key(plan: Plan, limit: Limit, identity_key: str, scope_tag: str | None) -> str:
+    """A bucket's key without the store's prefix (the module docstring has the layout).
+    `scope_tag`: the scope's hash when the plan has shared limits (required then)."""
+    if plan.scope is None:
+        return f"{{{identity_key}}}:{plan.name}:{limit.name}"
+    assert scope_tag is not None
+    own = "" if limit.scope else f":{identity_key}"
+    return f"{{{scope_tag}}}:{plan.name}:{limit.name}{own}"
 
 
 def scope_key(issuer: str, claim: str, value: str) -> str:

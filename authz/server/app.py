@@ -27,6 +27,8 @@ from grpc_health.v1.health import aio as health_aio
 from ..buckets.deny_cache import DenyCache
 from ..buckets.memory import MemoryBucketStore
 from ..buckets.metered import MeteredStore
+from ..buckets.redis import RedisBucketStore
+from ..buckets.resets import ResetFeed
 from ..buckets.store import BucketStore
 from ..config.settings import Settings
 from ..config.yaml_reader import MAX_FILE_BYTES, decode_text, parse_yaml, read_text
@@ -53,8 +55,6 @@ def build_store(settings: Settings, telemetry: CheckTelemetry | None = None) -> 
     """Redis (or in-memory) store, observed by telemetry, behind the local deny cache."""
     inner: BucketStore
     if settings.store.redis_url:
-        from ..buckets.redis import RedisBucketStore
-
         tracer = telemetry.tracer("authz.buckets.redis") if telemetry is not None else None
         s = settings.store
         inner = RedisBucketStore(
@@ -122,6 +122,7 @@ class Server:
         # sha256 of the quota file's bytes as last read: a change is any change of content,
         # whatever its mtime says (cp -p, rsync -a and some ConfigMap tools keep the mtime).
         self._quota_digest: bytes | None = None
+        self.reset_feed: ResetFeed | None = None
 
     async def start(self) -> None:
         s = self.settings.server
@@ -165,6 +166,12 @@ class Server:
             self._quota_digest = await asyncio.to_thread(_digest, self.settings.quota_file)
         if self.settings.quota_file and self.settings.quota_reload_interval > 0:
             self._tasks.append(asyncio.create_task(self._watch_quota()))
+        store = self.components.store
+        redis = _redis_store(store)
+        if redis is not None and isinstance(store, DenyCache):
+            # `authz quota reset` on any replica clears this replica's local refusals too.
+            self.reset_feed = ResetFeed(redis, store.forget, store.clear)
+            self._tasks.append(asyncio.create_task(self.reset_feed.run(), name="bucket-resets"))
 
     def request_reload(self) -> None:
         """SIGHUP: re-read the quota file in the background (never on the signal's stack)."""
@@ -351,6 +358,13 @@ async def _exit_when_orphaned(stop: asyncio.Event) -> None:
             log.warning("supervisor gone: shutting down")
             stop.set()
             return
+
+
+def _redis_store(store: object) -> RedisBucketStore | None:
+    """The Redis store under the wrappers (deny cache, metering), if that is the store."""
+    while store is not None and not isinstance(store, RedisBucketStore):
+        store = getattr(store, "inner", None)
+    return store
 
 
 def _read_raw(path: str) -> bytes | None:

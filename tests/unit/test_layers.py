@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core: quota", ("authz.quota",)),
     ("core: decision", ("authz.decision",)),
     ("core: pipeline", ("authz.pipeline",)),
-    ("edges", ("authz.telemetry", "authz.server", "authz.mesh", "authz.service_config")),
+    ("edges", ("authz.telemetry", "authz.server", "authz.mesh", "authz.service_config",
+               "authz.quota_tool")),
     ("commands", ("authz.cli", "authz.demo", "authz.__main__", "authz")),
 ]
 

@@ -387,3 +387,43 @@ async def test_sentinel_switchover_demotes_the_master_under_load(own_sentinels: 
         assert time.monotonic() < deadline, "the old master was never demoted"
         await asyncio.sleep(0.1)
     load.check_exact()
+
+
+async def test_an_organisation_is_one_slot_and_shares_exactly(
+        redis_cluster: RedisClusterNodes, shared_cluster_store: RedisBucketStore) -> None:
+    """Team quotas on a real cluster: every key of an organisation's requests carries the
+    organisation's hash tag, so the shared and the personal buckets are charged in one script
+    call on one master; concurrent members never exceed the shared budget."""
+    import yaml
+
+    from authz.quota import parse_quota
+    from authz.quota.resolve import Grant, Resolver
+    from authz.tokens.identity import Identity
+    from authz.tokens.verifier import identity_key
+
+    quota = parse_quota(yaml.safe_load("""
+default_plan: team
+plans:
+  team:
+    limits:
+      - {name: own, rate: 1000, per: 1s}
+      - {name: org, rate: 0.0001, per: 1s, burst: 30, scope: org}
+"""), "q")
+    org = uuid.uuid4().hex
+    resolver = Resolver(quota)
+    grants = []
+    for i in range(10):
+        sub = f"member-{i}"
+        ident = Identity("https://idp.test", sub, identity_key("https://idp.test", sub),
+                         time.time() + 60, {"org": org})
+        g = resolver.resolve(ident, "m")
+        assert isinstance(g, Grant)
+        grants.append(g)
+    slots = {key_slot(b.key) for g in grants for b in g.buckets}
+    assert len(slots) == 1  # one organisation, one slot
+    results = await asyncio.gather(*(shared_cluster_store.charge(g.buckets, 1)
+                                     for g in grants for _ in range(5)))
+    assert sum(r.allowed for r in results) == 30  # exactly the shared burst
+    owner = redis_cluster.owner(slots.pop())
+    with owner.client() as c:
+        assert c.exists(f"authz:{grants[0].buckets[1].key}")

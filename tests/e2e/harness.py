@@ -128,6 +128,7 @@ class ServiceOptions:
     # The 50 ms bound itself is tested with a hung Redis (test_store_and_replicas).
     store_timeout: str = "250ms"
     quota: Mapping[str, Any] = field(default_factory=lambda: QUOTA)
+    headers: Mapping[str, Any] = field(default_factory=dict)  # the config's `headers` section
 
 
 class AuthzService:
@@ -159,6 +160,8 @@ class AuthzService:
             "quota_file": str(quota_file),
             "telemetry": {"log_format": "text"},
         }
+        if options.headers:
+            config["headers"] = dict(options.headers)
         self.config_file = work_dir / f"{name}.yaml"
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         self.proc = ManagedProcess(

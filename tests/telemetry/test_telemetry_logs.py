@@ -243,3 +243,20 @@ def test_the_repeat_filter_counts_what_it_dropped() -> None:
     assert f.filter(passed)
     assert passed.suppressed == 3  # type: ignore[attr-defined]
 
+
+
+def test_shadow_decisions_are_logged_and_counted_like_denials(make_harness: MakeHarness) -> None:
+    """What shadow mode let through shows up where denials do: the sampled line (message
+    "shadow", with the would-be reason) and the decision counts (outcome "shadow")."""
+    from authz.decision import Decision, Outcome
+
+    shadow = Decision(allowed=True, status=200, outcome=Outcome.SHADOW, reason="rate_limited",
+                      plan="free", model="*", limit="per-minute")
+    h = make_harness()
+    stream = setup(make_settings())
+    h.check(shadow)
+    [line] = [x for x in lines(stream) if x["logger"] == "authz.deny"]
+    assert (line["msg"], line["outcome"], line["reason"], line["limit"]) == (
+        "shadow", "shadow", "rate_limited", "per-minute")
+    [point] = h.metrics()["authz.decisions"]
+    assert point.attributes["outcome"] == "shadow" and point.value == 1

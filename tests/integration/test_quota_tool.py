@@ -17,7 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from tests.support.authz_process import Proc, check_request, run, write_config
 from tests.support.issuer import TestIssuer
 from tests.support.redis_server import RedisServer
-from tests.support.redis_topologies import RedisClusterNodes
+from tests.support.redis_topologies import RedisClusterNodes, RedisSentinels
 
 QUOTA = """
 default_plan: free
@@ -124,10 +124,15 @@ def test_shared_buckets_need_the_claim_and_reset_with_shared(tmp_path: Path,
         assert status(port, bob) == 200
 
 
-def test_works_on_a_cluster(tmp_path: Path, issuer: TestIssuer) -> None:
-    with RedisClusterNodes() as cluster:
-        cfg, _port = configure(tmp_path, issuer, {"redis_mode": "cluster",
-                                                  "redis_url": cluster.url()})
+@pytest.mark.parametrize("topology", ["cluster", "sentinel"])
+def test_works_on_every_topology(tmp_path: Path, issuer: TestIssuer, topology: str) -> None:
+    with (RedisClusterNodes() if topology == "cluster" else RedisSentinels()) as nodes:
+        if isinstance(nodes, RedisClusterNodes):
+            store = {"redis_mode": "cluster", "redis_url": nodes.url()}
+        else:
+            store = {"redis_mode": "sentinel", "sentinel_master": nodes.name,
+                     "redis_url": f"redis://{nodes.sentinel_addresses()[0]}/0"}
+        cfg, _port = configure(tmp_path, issuer, store)
         who = ["--issuer", issuer.name, "--subject", "nobody"]
         shown = quota(cfg, "show", *who, "--plan", "free")
         assert {b["stored"] for b in shown["buckets"]} == {False}  # never charged: full

@@ -204,3 +204,34 @@ async def test_reload_failure_keeps_the_quota_in_process(tmp_path: Path, issuer:
         assert server.components.pipeline.resolver is resolver
     finally:
         await server.stop()
+
+
+async def test_shadow_mode_is_switched_by_a_reload(tmp_path: Path, issuer: TestIssuer) -> None:
+    """Shadow mode lives in the quota file: a reload turns enforcement into a marked allow and
+    back, with no restart."""
+    quota = tmp_path / "quota.yaml"
+    enforced = "default_plan: free\nplans: {free: {limits: [{name: s, rate: 1, per: 1h}]}}\n"
+    server = await in_process(quota, enforced, issuer)
+    token = issuer.mint("shadowed")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.AuthorizationStub(ch)
+
+            async def answer() -> tuple[int, dict[str, str]]:
+                r = await stub.Check(check_request(token, "/v1/models/a:predict"), timeout=5)
+                if r.status.code:
+                    return r.denied_response.status.code, {}
+                return 200, {h.header.key: h.header.value for h in r.ok_response.headers}
+
+            assert (await answer())[0] == 200
+            assert (await answer())[0] == 429
+            quota.write_text(enforced.replace("default_plan: free",
+                                              "shadow: {rate_limits: true}\ndefault_plan: free"))
+            assert await server.reload_quota()
+            status, upstream = await answer()
+            assert (status, upstream["x-authz-shadow"]) == (200, "rate_limited")
+            quota.write_text(enforced)
+            assert await server.reload_quota()
+            assert (await answer())[0] == 429
+    finally:
+        await server.stop()

@@ -27,6 +27,8 @@ class Outcome(StrEnum):
     FORBIDDEN = "forbidden"  # 403
     RATE_LIMITED = "rate_limited"  # 429
     INVALID_REQUEST = "invalid_request"  # 400
+    # 413: the request's cost (from its body) is more than a limit's burst: it could never pass
+    TOO_LARGE = "too_large"
     # store failed or not ready: 503, or allowed (degraded) under store.on_error: allow
     BACKEND_ERROR = "backend_error"
     # allowed by shadow mode: enforcement would have refused it (the reason says how)
@@ -91,6 +93,10 @@ def header_value(value: str) -> str:
 
 def _body(**fields: object) -> str:
     return json.dumps(fields, separators=(",", ":"), sort_keys=False)
+
+
+def _number(x: float) -> int | float:
+    return int(x) if x == int(x) else x
 
 
 class Answers:
@@ -170,6 +176,23 @@ class Answers:
         return Decision(False, 403, Outcome.FORBIDDEN, refusal.reason, response_headers=_JSON,
                         body=_body(error="forbidden", reason=refusal.reason, plan=refusal.plan),
                         plan=refusal.plan, model=model_rule)
+
+    def unpriced(self, grant: Grant, reason: str) -> Decision:
+        """400: the body cannot say what the request costs (quota/costs.py's reasons) and the
+        model rule has no fallback."""
+        return Decision(False, 400, Outcome.INVALID_REQUEST, reason, response_headers=_JSON,
+                        body=_body(error="invalid_request", reason=reason, plan=grant.plan),
+                        plan=grant.plan, model=grant.rule)
+
+    def too_large(self, grant: Grant, cost: int, limit: Limit) -> Decision:
+        """413: the request costs more than `limit` can ever hold. Not a 429: waiting would not
+        help, and a Retry-After would have the client retry forever."""
+        return Decision(False, 413, Outcome.TOO_LARGE, "cost_exceeds_burst",
+                        response_headers=_JSON,
+                        body=_body(error="too_large", reason="cost_exceeds_burst",
+                                   limit=limit.name, plan=grant.plan, cost=cost,
+                                   burst=_number(limit.burst)),
+                        plan=grant.plan, model=grant.rule, limit=limit.name)
 
     def _identity(self, identity: Identity, plan: str) -> Headers:
         h = self._h

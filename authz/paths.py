@@ -29,8 +29,11 @@ class PathKind(Enum):
 @dataclass(frozen=True, slots=True)
 class Target:
     kind: PathKind
-    model: str = ""
+    model: str = ""  # empty on an LLM route: the body names the model
     reason: str = ""  # why INVALID
+    # How a body is read for its cost: "v1" (KServe v1), "v2" (Open Inference Protocol v2) or
+    # "openai" (an LLM route).
+    protocol: str = ""
 
 
 # Envoy's own default limit on request headers is 60 KiB, and real inference paths are short;
@@ -38,6 +41,12 @@ class Target:
 MAX_PATH_BYTES = 4096
 # KServe names are DNS labels; Triton/OIP allow '_' and '.' too. Nothing that needs escaping.
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def valid_model_name(name: str) -> bool:
+    return _MODEL.fullmatch(name) is not None
+
+
 # Encoded '/', '\' and '.' let a path mean something else after another hop decodes it.
 _ENCODED_SEPARATORS = re.compile(r"%(2[fFeE]|5[cC]|00)")
 _MEMO_MAX = 4096
@@ -46,6 +55,7 @@ _MEMO_MAX = 4096
 class PathClassifier:
     def __init__(self, settings: PathSettings) -> None:
         self._public = frozenset(settings.public_paths)
+        self._llm = frozenset(settings.llm_routes)
         self._prefixes = settings.protected_prefixes
         self._memo: dict[str, Target] = {}
 
@@ -75,6 +85,8 @@ class PathClassifier:
             return Target(PathKind.INVALID, reason="invalid_path")
         if path in self._public:
             return Target(PathKind.PUBLIC)
+        if path in self._llm:
+            return Target(PathKind.PROTECTED, protocol="openai")
         for prefix in self._prefixes:
             if path.startswith(prefix):
                 name = path[len(prefix):].split("/", 1)[0]
@@ -84,5 +96,6 @@ class PathClassifier:
                     name = name.split(":", 1)[0]
                 if not _MODEL.fullmatch(name):
                     return Target(PathKind.INVALID, reason="invalid_model_name")
-                return Target(PathKind.PROTECTED, model=name)
+                return Target(PathKind.PROTECTED, model=name,
+                              protocol="v1" if prefix.startswith("/v1/") else "v2")
         return Target(PathKind.OTHER)

@@ -82,7 +82,7 @@ class MemoryBucketStore:
                     elapsed = now - updated if now > updated else 0.0
                     level = min(spec.capacity, tokens + elapsed * spec.rate)
             levels.append(level)
-            if level + EPSILON < cost:
+            if level + EPSILON < (1.0 if spec.per_request else cost):
                 complete = False
                 if not spec.shadow:
                     allowed = False
@@ -91,14 +91,15 @@ class MemoryBucketStore:
         states: list[BucketState] = []
         retry_after = 0.0
         for spec, key, level in zip(buckets, keys, levels, strict=True):
+            c = 1.0 if spec.per_request else cost
             if allowed and (complete or not spec.shadow):
-                remaining = max(0.0, level - cost)
+                remaining = max(0.0, level - c)
                 reset_after = (spec.capacity - remaining) / spec.rate
                 table[key] = (remaining, now, now + reset_after + TTL_MARGIN)
             else:
                 remaining = level
                 reset_after = (spec.capacity - remaining) / spec.rate
-            wait = (cost - remaining) / spec.rate if remaining + EPSILON < cost else 0.0
+            wait = (c - remaining) / spec.rate if remaining + EPSILON < c else 0.0
             # Refused: the wait for the enforced buckets. Shadow-refused: the would-be wait.
             if (not allowed and not spec.shadow) or (shadow_refused and spec.shadow):
                 retry_after = max(retry_after, wait)

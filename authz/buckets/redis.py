@@ -29,8 +29,9 @@ from .transport.topology import Cluster, Sentinel, Standalone, Transport
 SCRIPT = resources.files(__package__).joinpath("token_bucket.lua").read_bytes()
 SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest().encode()
 MODES = ("standalone", "sentinel", "cluster")
-_SHADOW = resp.bulk(b"1")
-_ENFORCED = resp.bulk(b"0")
+# Per-bucket flags for token_bucket.lua: 1 = shadow, 2 = per request.
+_FLAGS = {(shadow, per_request): resp.bulk(b"%d" % (shadow + 2 * per_request))
+          for shadow in (False, True) for per_request in (False, True)}
 
 __all__ = ["MODES", "SCRIPT", "SCRIPT_SHA", "RedisBucketStore", "RedisStoreStats"]
 
@@ -67,7 +68,7 @@ class RedisBucketStore:
         self._down_reason = "Redis store not started"
         self.stats = RedisStoreStats()
         self._heads: dict[int, bytes] = {}
-        self._spec_args: dict[tuple[float, float, bool], bytes] = {}
+        self._spec_args: dict[tuple[float, float, bool, bool], bytes] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def _build(self) -> Transport:
@@ -167,7 +168,7 @@ class RedisBucketStore:
         n = len(buckets)
         head = self._heads.get(n)
         if head is None:
-            # EVALSHA sha numkeys key... cost (capacity rate shadow)...
+            # EVALSHA sha numkeys key... cost (capacity rate flags)...
             head = self._heads[n] = (b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 4 * n)
                                      + resp.bulk(SCRIPT_SHA) + resp.bulk(b"%d" % n))
         parts = [head]
@@ -177,13 +178,13 @@ class RedisBucketStore:
         parts.append(resp.number(cost))
         cache = self._spec_args
         for spec in buckets:
-            key = (spec.capacity, spec.rate, spec.shadow)
+            key = (spec.capacity, spec.rate, spec.shadow, spec.per_request)
             args = cache.get(key)
             if args is None:
                 if len(cache) > 1024:  # distinct limits come from config: a handful
                     cache.clear()
                 args = cache[key] = (resp.number(spec.capacity) + resp.number(spec.rate)
-                                     + (_SHADOW if spec.shadow else _ENFORCED))
+                                     + _FLAGS[(spec.shadow, spec.per_request)])
             parts.append(args)
         return b"".join(parts)
 

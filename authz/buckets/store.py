@@ -5,7 +5,8 @@ behaviour tests (tests/buckets) run against each.
 
 Token bucket: a bucket holds up to `capacity` tokens (the burst) and refills continuously at
 `rate` tokens per second. A request of cost c is admitted when EVERY bucket it touches holds at
-least c tokens; then c is taken from each. If any bucket is short, none is charged.
+least c tokens; then c is taken from each. If any bucket is short, none is charged. A
+`per_request` bucket counts requests, not cost: for it, c is 1 whatever the request's cost.
 
 Shadow buckets (shadow mode, `BucketSpec.shadow`) never refuse: a request is admitted when every
 *enforced* bucket holds c; enforced buckets are then charged, and shadow buckets only if they
@@ -35,6 +36,7 @@ class BucketSpec:
     capacity: float  # burst
     rate: float  # tokens per second
     shadow: bool = False  # never refuses; charged only when enforcement would admit
+    per_request: bool = False  # charged 1 per request, not the request's cost
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@
 --                       so a request's buckets share a Redis Cluster slot)
 -- ARGV[1]               cost
 -- ARGV[3i-1], ARGV[3i], ARGV[3i+1]
---                       capacity, rate (tokens per second) and shadow (1|0) of bucket i
+--                       capacity, rate (tokens per second) and flags of bucket i: 1 = shadow,
+--                       2 = per request (charged 1, not `cost`), 3 = both
 --
 -- A shadow bucket never refuses: the request is admitted when every enforced bucket holds
 -- `cost`; enforced buckets are then charged, shadow ones only if they held it too (exactly when
@@ -36,10 +37,17 @@ local levels = {}
 local allowed = 1   -- every enforced bucket holds `cost`
 local complete = 1  -- every bucket does, shadow ones included
 
+local costs = {}
+local shadows = {}
+for i = 1, n do
+  local flags = tonumber(ARGV[3 * i + 1])
+  shadows[i] = flags % 2 == 1
+  if flags >= 2 then costs[i] = 1 else costs[i] = cost end
+end
+
 for i = 1, n do
   local capacity = tonumber(ARGV[3 * i - 1])
   local rate = tonumber(ARGV[3 * i])
-  local shadow = ARGV[3 * i + 1] == '1'
   local level = capacity
   local stored = redis.call('GET', KEYS[i])
   if stored then
@@ -56,9 +64,9 @@ for i = 1, n do
     if level > capacity then level = capacity end
   end
   levels[i] = level
-  if level + EPSILON < cost then
+  if level + EPSILON < costs[i] then
     complete = 0
-    if not shadow then allowed = 0 end
+    if not shadows[i] then allowed = 0 end
   end
 end
 local shadow_refused = 0
@@ -69,11 +77,12 @@ local retry_after = 0
 for i = 1, n do
   local capacity = tonumber(ARGV[3 * i - 1])
   local rate = tonumber(ARGV[3 * i])
-  local shadow = ARGV[3 * i + 1] == '1'
+  local shadow = shadows[i]
+  local c = costs[i]
   local remaining = levels[i]
   local reset_after
   if allowed == 1 and (complete == 1 or not shadow) then
-    remaining = remaining - cost
+    remaining = remaining - c
     if remaining < 0 then remaining = 0 end
     reset_after = (capacity - remaining) / rate
     redis.call('SET', KEYS[i], string.format('%.17g %.17g', remaining, now),
@@ -82,7 +91,7 @@ for i = 1, n do
     reset_after = (capacity - remaining) / rate
   end
   local wait = 0
-  if remaining + EPSILON < cost then wait = (cost - remaining) / rate end
+  if remaining + EPSILON < c then wait = (c - remaining) / rate end
   -- Refused: the wait for the enforced buckets. Shadow-refused: the would-be wait.
   if ((allowed == 0 and not shadow) or (shadow_refused == 1 and shadow)) and wait > retry_after then
     retry_after = wait

@@ -327,10 +327,11 @@ def _paths(n: Node) -> PathSettings:
         protected_prefixes=n.str_list("protected_prefixes", d.protected_prefixes),
         public_paths=n.str_list("public_paths", d.public_paths),
         other=cast(Any, n.choice("other", d.other, ("deny", "allow"))),
+        llm_routes=n.str_list("llm_routes", d.llm_routes),
     )
     n.done()
     for key, values in (("protected_prefixes", s.protected_prefixes),
-                        ("public_paths", s.public_paths)):
+                        ("public_paths", s.public_paths), ("llm_routes", s.llm_routes)):
         bad = [v for v in values if not v.startswith("/") or "?" in v or "//" in v]
         if bad:
             n.report(key, f"expected absolute paths without query, got {bad[0]!r}")
@@ -340,6 +341,13 @@ def _paths(n: Node) -> PathSettings:
         for public in s.public_paths:
             if public.startswith(prefix):
                 n.report("public_paths", f"{public!r} lies under protected prefix {prefix!r}")
+        for route in s.llm_routes:
+            if route.startswith(prefix):
+                n.report("llm_routes", f"{route!r} lies under protected prefix {prefix!r}, "
+                         "whose first segment is the model")
+    for route in s.llm_routes:
+        if route in s.public_paths:
+            n.report("llm_routes", f"{route!r} is also a public path")
     return s
 
 

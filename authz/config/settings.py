@@ -106,6 +106,10 @@ class PathSettings:
     )
     # Any other path: "deny" (403) or "allow" (no token needed, nothing charged).
     other: Literal["deny", "allow"] = "deny"
+    # OpenAI-compatible LLM routes (exact paths, e.g. /v1/chat/completions or, under KServe's
+    # prefix, /openai/v1/chat/completions): protected like the model paths, the model named
+    # by the body's `model` field.
+    llm_routes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,7 @@ from .model import (
     BUILTIN_PLANS,
     SHADOWABLE_REFUSALS,
     UNLIMITED,
+    CostRule,
     Limit,
     ModelRule,
     Plan,
@@ -174,9 +176,15 @@ def _plan(n: Node, name: str, inherited: _Shadow) -> Plan:
                 continue
             with n.problems.part():
                 rn = models_node.child(key, models_node.raw(pattern) or {})
-                cost = rn.integer("cost", 1, minimum=1, maximum=MAX_COST)
+                cost_rule = None
+                if isinstance(rn.data.get("cost"), Mapping):
+                    cost = 1
+                    cost_rule = _cost_rule(rn.section("cost"))
+                else:
+                    cost = rn.integer("cost", 1, minimum=1, maximum=MAX_COST)
                 rule = ModelRule(pattern=pattern, cost=cost,
-                                 limits=_limits(rn, "limits", shadow.rate_limits))
+                                 limits=_limits(rn, "limits", shadow.rate_limits),
+                                 cost_rule=cost_rule)
                 rn.done()
                 every = (*limits, *rule.limits)
                 if len(every) > MAX_LIMITS_PER_REQUEST:
@@ -184,7 +192,7 @@ def _plan(n: Node, name: str, inherited: _Shadow) -> Plan:
                               f"{MAX_LIMITS_PER_REQUEST} (each is a key of the request's one "
                               "Redis call)")
                 for limit in every:
-                    if cost > limit.burst:
+                    if limit.unit == "cost" and cost > limit.burst:
                         rn.report("cost", f"cost {cost} exceeds the burst {limit.burst:g} of "
                                   f"limit {limit.name!r}: such a request could never pass")
                         break
@@ -240,6 +248,7 @@ def _limits(n: Node, key: str, shadow: bool) -> tuple[Limit, ...]:
             burst = ln.number("burst", min(count, MAX_TOKENS), maximum=MAX_TOKENS)
             limit_shadow = ln.flag("shadow", False)
             scope = ln.opt_str("scope")
+            unit = ln.choice("unit", "cost", ("cost", "requests"))
             ln.done()
             if scope is not None and not _CLAIM.match(scope):
                 ln.report("scope", f"expected a claim name (letters, digits, '_', '-', ':', '.'), "
@@ -259,5 +268,50 @@ def _limits(n: Node, key: str, shadow: bool) -> tuple[Limit, ...]:
                           f"({MAX_TIME_TO_FULL:g} s): raise rate or lower burst")
                 continue
             out.append(Limit(name=name, rate=rate, burst=burst, count=count, per=per,
-                             shadow=shadow or limit_shadow, scope=scope))
+                             shadow=shadow or limit_shadow, scope=scope, unit=unit))
     return tuple(out)
+
+
+# A body bigger than this is never read for its cost (Envoy's own default buffer limit for a
+# connection is 1 MiB: Istio's maxRequestBytes cannot usefully go past it without raising that).
+MAX_BODY_BYTES = 1 << 20
+# Tokens an LLM request may reserve for its completion, at most (today's largest context
+# windows are ~1M tokens).
+MAX_COMPLETION_TOKENS = 1_000_000
+
+
+def _cost_rule(n: Node) -> CostRule:
+    """`cost: {from: instances | tokens, ...}`: the cost from the request's body."""
+    source = n.choice("from", "instances", ("instances", "tokens"))
+    d = CostRule(source)
+    fallback_raw = n.raw("fallback")
+    fallback: int | None = None
+    if isinstance(fallback_raw, int) and not isinstance(fallback_raw, bool):
+        fallback = n.integer("fallback", 1, minimum=1, maximum=MAX_COST)
+    elif fallback_raw not in (None, "reject"):
+        n.report("fallback", f"expected a cost (1 to {MAX_COST}) or reject, got "
+                 f"{fallback_raw!r}")
+    if source == "instances":
+        rule = CostRule(source, per_instance=n.integer("per_instance", d.per_instance,
+                                                       minimum=1, maximum=MAX_COST),
+                        fallback=fallback,
+                        max_body_bytes=n.integer("max_body_bytes", d.max_body_bytes,
+                                                 minimum=64, maximum=MAX_BODY_BYTES))
+    else:
+        rule = CostRule(
+            source,
+            default_max_tokens=n.integer("default_max_tokens", d.default_max_tokens,
+                                         minimum=1, maximum=MAX_COMPLETION_TOKENS),
+            max_tokens=n.integer("max_tokens", d.max_tokens, minimum=1,
+                                 maximum=MAX_COMPLETION_TOKENS),
+            bytes_per_token=n.number("bytes_per_token", d.bytes_per_token, minimum=1.0,
+                                     maximum=64.0),
+            fallback=fallback,
+            max_body_bytes=n.integer("max_body_bytes", d.max_body_bytes, minimum=64,
+                                     maximum=MAX_BODY_BYTES))
+        if not n.failed and rule.default_max_tokens > rule.max_tokens:
+            n.report("default_max_tokens", f"{rule.default_max_tokens} is above max_tokens "
+                     f"{rule.max_tokens}")
+    n.done()
+    return rule
+

@@ -29,13 +29,39 @@ class Limit:
     # A verified claim (e.g. "org"): the bucket is shared by every caller carrying the same
     # value of it (from the same issuer), instead of being the caller's own.
     scope: str | None = None
+    # "cost": charged the request's cost (a model rule's fixed `cost`, or what its body says:
+    # instances, tokens); "requests": charged 1 per request whatever its cost.
+    unit: str = "cost"
+
+
+@dataclass(frozen=True, slots=True)
+class CostRule:
+    """A request's cost from its body (the model rule's `cost: {from: ...}`).
+
+    from "instances": KServe v1 `instances` / `inputs` (their count), Open Inference Protocol v2
+    `inputs[].shape[0]` (the batch dimension, the largest), x `per_instance`.
+    from "tokens": OpenAI-compatible completions and chat: `max_completion_tokens` or
+    `max_tokens` (else `default_max_tokens`), at most `max_tokens`, plus the prompt's estimate,
+    its bytes (`messages` or `prompt`) / `bytes_per_token`, rounded up.
+    `fallback`: the cost when the body cannot say (missing, partial, not JSON, wrong shape,
+    out of range); None: refuse such a request with 400 and the reason.
+    """
+
+    source: str  # "instances" | "tokens"
+    per_instance: int = 1
+    default_max_tokens: int = 256
+    max_tokens: int = 4096
+    bytes_per_token: float = 4.0
+    fallback: int | None = None
+    max_body_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class ModelRule:
     pattern: str  # glob over the model name ("llama-*", "*")
-    cost: int
+    cost: int  # the fixed cost (when `cost_rule` is None)
     limits: tuple[Limit, ...]
+    cost_rule: CostRule | None = None  # the cost comes from the request's body
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from fnmatch import fnmatchcase
 
 from ..buckets.store import BucketSpec
 from ..tokens.identity import Identity
-from .model import BUILTIN_PLANS, Limit, ModelRule, Plan, Quota
+from .model import BUILTIN_PLANS, CostRule, Limit, ModelRule, Plan, Quota
 
 # Model names come from request paths, so a caller can invent any number of them; the
 # per-plan model -> rule memo is bounded and simply stops memoizing past this size.
@@ -41,6 +41,7 @@ class Grant:
     cost: int
     buckets: tuple[BucketSpec, ...]  # empty: nothing to charge (unlimited)
     limits: tuple[Limit, ...] = ()  # the limits of `buckets`, same order (for headers)
+    cost_rule: CostRule | None = None  # the cost comes from the body (quota/costs.py)
     on_error: str | None = None  # the plan's store failure policy; None: the service's
     # Shadow mode let a refusal through: its reason ("model_not_allowed", "blocked").
     shadowed: str = ""
@@ -57,6 +58,7 @@ class _Charge:
     rule: str
     cost: int
     limits: tuple[Limit, ...]
+    cost_rule: CostRule | None = None
 
 
 _NOT_ALLOWED = object()
@@ -116,11 +118,12 @@ class Resolver:
             scope_tag = scope_key(identity.issuer, plan.scope, scope_value)
         buckets = tuple(
             BucketSpec(key=bucket_key(plan, lim, identity.key, scope_tag), name=lim.name,
-                       capacity=lim.burst, rate=lim.rate, shadow=lim.shadow)
+                       capacity=lim.burst, rate=lim.rate, shadow=lim.shadow,
+                       per_request=lim.unit == "requests")
             for lim in charge.limits
         )
-        return Grant(plan.name, charge.rule, charge.cost, buckets, charge.limits, plan.on_error,
-                     shadowed)
+        return Grant(plan.name, charge.rule, charge.cost, buckets, charge.limits,
+                     charge.cost_rule, plan.on_error, shadowed)
 
     def _charge(self, plan: Plan, model: str) -> _Charge | object:
         memo = self._memo[plan.name]
@@ -154,5 +157,5 @@ def _match(plan: Plan, model: str) -> _Charge | object:
     rule: ModelRule
     for rule in plan.models:
         if fnmatchcase(model, rule.pattern):
-            return _Charge(rule.pattern, rule.cost, plan.limits + rule.limits)
+            return _Charge(rule.pattern, rule.cost, plan.limits + rule.limits, rule.cost_rule)
     return _NOT_ALLOWED

@@ -1,6 +1,7 @@
 """The gRPC edge: envoy.service.auth.v3.Authorization/Check.
 
-Reads the two things the decision needs from the CheckRequest (the path and the headers), runs
+Reads what the decision needs from the CheckRequest (the path, the headers, the body when the
+provider includes it), runs
 the request pipeline (authz/pipeline.py) and always answers with a CheckResponse. An exception
 escaping a handler would reach Envoy as an RPC error: a bare 403 when failOpen is false, or a
 silent allow when it is true. So every failure here is turned into an explicit, configured
@@ -41,6 +42,16 @@ def request_headers(http: Any) -> Mapping[str, str]:
     return out
 
 
+def request_body(http: Any) -> bytes | None:
+    """The request's body: `raw_body` (the provider's packAsBytes) or `body` (UTF-8 text);
+    None when the check carries none (the provider's includeRequestBodyInCheck is off)."""
+    if http.raw_body:
+        return http.raw_body  # type: ignore[no-any-return]
+    if http.body:
+        return http.body.encode("utf-8", "surrogatepass")  # type: ignore[no-any-return]
+    return None
+
+
 class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, pipeline: CheckPipeline, telemetry: CheckTelemetry | None = None) -> None:
         self.pipeline = pipeline
@@ -63,14 +74,15 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         headers = request_headers(http)
         # The path as Envoy saw it: the attribute, or the :path pseudo-header.
         path = http.path or headers.get(":path", "")
+        body = request_body(http)
         telemetry = self.telemetry
         if telemetry is None:
-            return self._respond(await self._decide(path, headers))[1]
+            return self._respond(await self._decide(path, headers, body))[1]
         scope = telemetry.start_check(headers)
         # The check span is current while the decision is awaited, so the store's and the
         # JWKS fetcher's spans become its children, and the deny log line carries its ids.
         with scope:
-            decision, subject = await self._decide(path, headers)
+            decision, subject = await self._decide(path, headers, body)
             decision, response = self._respond((decision, subject))
             try:
                 telemetry.finish_check(scope, decision, subject, path=path)
@@ -78,10 +90,10 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 self._telemetry_failed(repr(e), exc_info=e)
         return response
 
-    async def _decide(self, path: str, headers: Mapping[str, str]
+    async def _decide(self, path: str, headers: Mapping[str, str], body: bytes | None
                       ) -> tuple[Decision, str | None]:
         try:
-            return await self.pipeline.decide(path, headers)
+            return await self.pipeline.decide(path, headers, body)
         except Exception as e:
             self._decide_failed(repr(e), exc_info=e)
             return self.pipeline.answers.internal_error(), None

@@ -223,3 +223,33 @@ async def test_enforced_limits_hold_beside_a_short_shadow_limit(store: BucketSto
     assert results[3].buckets[1].remaining == pytest.approx(0, abs=APPROX)
     refused = results[4]
     assert refused.retry_after == pytest.approx(1 / SLOW, rel=1e-2)
+
+
+async def test_a_cost_above_a_shadow_buckets_capacity_is_a_would_be_refusal(
+        store: BucketStore, identity: str) -> None:
+    """A body-priced request can cost more than a shadow limit's whole burst: allowed, flagged,
+    nothing taken from the shadow bucket; the enforced one is charged."""
+    enforced = spec(identity, "big", 100, SLOW)
+    shadow = shadow_spec(identity, "small", 5, SLOW)
+    r = await store.charge([enforced, shadow], 8)
+    assert r.allowed and r.shadow_refused
+    assert [b.remaining for b in r.buckets] == pytest.approx([92, 5], abs=APPROX)
+    assert r.retry_after == pytest.approx(3 / SLOW, rel=1e-2)  # 8 - 5 tokens short
+
+
+async def test_a_per_request_bucket_counts_requests_not_cost(store: BucketStore,
+                                                             identity: str) -> None:
+    """10 requests/s and 50 tokens beside each other: a 20-token request takes 1 and 20."""
+    requests = BucketSpec(key=f"{{{identity}}}:free:rps", name="rps", capacity=3, rate=SLOW,
+                          per_request=True)
+    tokens = spec(identity, "tokens", 50, SLOW)
+    r = await store.charge([requests, tokens], 20)
+    assert r.allowed
+    assert [b.remaining for b in r.buckets] == pytest.approx([2, 30], abs=APPROX)
+    r = await store.charge([requests, tokens], 20)
+    assert [b.remaining for b in r.buckets] == pytest.approx([1, 10], abs=APPROX)
+    refused = await store.charge([requests, tokens], 20)  # 10 tokens left: all or none
+    assert not refused.allowed
+    assert [b.remaining for b in refused.buckets] == pytest.approx([1, 10], abs=APPROX)
+    assert (await store.charge([requests, tokens], 10)).allowed  # the last request
+    assert not (await store.charge([requests, tokens], 1)).allowed  # no request left

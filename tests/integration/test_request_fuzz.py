@@ -1,7 +1,8 @@
 """The request edge, fuzzed: random CheckRequests into the Check handler, on both stores.
 
 Property: whatever the request holds (random header names and values, paths, raw header
-bytes, missing parts, a token that is valid, forged, truncated or garbage), the handler
+bytes, missing parts, a token that is valid, forged, truncated or garbage, a body that is
+text, bytes or JSON shaped like a priced model's or an LLM route's), the handler
 returns a CheckResponse with a status the README lists, never raises, never answers 500
 (a 500 is a bug), and never allows a protected path without a valid token.
 """
@@ -9,6 +10,7 @@ returns a CheckResponse with a status the README lists, never raises, never answ
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,8 +29,11 @@ from tests.support.redis_server import RedisServer
 
 QUOTA = {"default_plan": "free", "plans": {"free": {
     "limits": [{"name": "s", "rate": 1000, "burst": 1000}],
-    "models": {"iris": {}, "llama-*": {"cost": 2}}}}}
-STATUSES = {200, 400, 401, 403, 429, 503}
+    "models": {"iris": {}, "llama-*": {"cost": 2},
+               "resnet": {"cost": {"from": "instances"}},
+               "gpt-*": {"cost": {"from": "tokens", "max_tokens": 500}}}}}}
+PATH_SETTINGS = {"llm_routes": ["/v1/chat/completions"]}
+STATUSES = {200, 400, 401, 403, 413, 429, 503}
 
 # Text that protobuf string fields accept (valid UTF-8: no lone surrogates).
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=64)
@@ -38,11 +43,39 @@ HEADER_NAMES = st.one_of(
     TEXT)
 PATHS = st.one_of(
     st.sampled_from(["/v1/models/iris:predict", "/v2/models/iris/infer", "/v1/models/llama-7b",
+                     "/v2/models/resnet/infer", "/v1/models/resnet:predict",
+                     "/v1/chat/completions", "/v1/chat/completions?x=1",
                      "/health", "/v1//models/iris", "/v1/models/%2e%2e/x", "/v1/models/../x",
                      "/v1/models/iris?x=1", "/other", "", "v1/models/iris", "/v2/models/a b",
                      "/v1/models/" + "a" * 5000]),
     st.builds(lambda p: "/v1/models/" + p, TEXT),
     TEXT)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(TEXT, inner, max_size=4), max_leaves=20)
+SHAPED = st.one_of(
+    st.builds(lambda v: {"instances": v}, JSON),
+    st.builds(lambda v: {"inputs": [{"name": "x", "shape": v}]}, JSON),
+    st.builds(lambda m, t: {"model": m, "max_tokens": t, "messages": []},
+              st.sampled_from(["gpt-4o", "iris", "llama-2", "../x", ""]) | TEXT, JSON),
+    JSON)
+
+
+@st.composite
+def bodies(draw: st.DrawFn, http: Any) -> None:
+    kind = draw(st.sampled_from(["none", "text", "raw", "json", "raw-json"]))
+    if kind == "text":
+        http.body = draw(TEXT)
+    elif kind == "raw":
+        http.raw_body = draw(st.binary(max_size=200))
+    elif kind in ("json", "raw-json"):
+        text = json.dumps(draw(SHAPED))
+        if kind == "json":
+            http.body = text
+        else:
+            http.raw_body = text.encode()
 
 
 @st.composite
@@ -92,8 +125,7 @@ def requests(draw: st.DrawFn, valid: str) -> tuple[pb.CheckRequest, str | None, 
             h.raw_value = v.encode() if draw(st.booleans()) else draw(st.binary(max_size=32))
     if draw(st.booleans()):
         http.method = draw(st.sampled_from(["GET", "POST", "", "BREW"]))
-    if draw(st.booleans()):
-        http.body = draw(TEXT)
+    draw(bodies(http))
     if draw(st.booleans()):
         req.attributes.request.ClearField("http")
         path = ""
@@ -109,7 +141,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         services = {}
         for name, url in (("memory", ""), ("redis", redis.url)):
             settings_ = parse_settings({"auth": {"issuers": [issuer.settings()]},
-                                        "store": {"redis_url": url, "timeout": "2s"}}, "test")
+                                        "store": {"redis_url": url, "timeout": "2s"},
+                                        "paths": PATH_SETTINGS}, "test")
             c = build_components(settings_, parse_quota(QUOTA, "quota"))
             loop.run_until_complete(c.authenticator.start())
             loop.run_until_complete(c.store.start())
@@ -117,7 +150,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             services[name] = c
         try:
             yield {"loop": loop, "services": services, "token": issuer.mint("fuzz"),
-                   "paths": PathClassifier(parse_settings({}, "t").paths)}
+                   "paths": PathClassifier(parse_settings({"paths": PATH_SETTINGS}, "t").paths)}
         finally:
             for c in services.values():
                 loop.run_until_complete(c.store.close())

@@ -25,7 +25,15 @@ C = PathClassifier(PathSettings())
     ],
 )
 def test_models(path: str, model: str) -> None:
-    assert C.classify(path) == Target(PathKind.PROTECTED, model=model)
+    protocol = "v1" if path.startswith("/v1/") else "v2"
+    assert C.classify(path) == Target(PathKind.PROTECTED, model=model, protocol=protocol)
+
+
+def test_llm_routes_leave_the_model_to_the_body() -> None:
+    c = PathClassifier(PathSettings(llm_routes=("/v1/chat/completions",)))
+    assert c.classify("/v1/chat/completions") == Target(PathKind.PROTECTED, protocol="openai")
+    assert c.classify("/v1/chat/completions?stream=1").protocol == "openai"
+    assert C.classify("/v1/chat/completions").kind is PathKind.OTHER  # off unless configured
 
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/v2/health/live", "/v2/health/ready",

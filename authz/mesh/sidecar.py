@@ -96,7 +96,10 @@ with warnings.catch_warnings():
         VirtualHost,
     )
     from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
-    from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+    from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+        BufferSettings,
+        ExtAuthz,
+    )
     from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
     from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -145,6 +148,23 @@ RECOMMENDED_TIMEOUT = 0.5
 
 
 _STATUS_CODES = frozenset(code.value for code in StatusCode if code.value >= 100)
+# The connection manager buffers at most this much of a request by default (Envoy's
+# per_connection_buffer_limit_bytes, which Istio keeps): a larger maxRequestBytes never
+# fills and the client gets 413 (istio/istio PR #49452). Raise the buffer limit first.
+MAX_BUFFERED_BODY = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBody:
+    """The provider's includeRequestBodyInCheck (Envoy's ext_authz with_request_body)."""
+
+    max_request_bytes: int = 65536
+    # true: a longer body is checked cut, with x-envoy-auth-partial-body: true; false: Envoy
+    # answers 413 itself (even with failOpen) and never asks the provider.
+    allow_partial_message: bool = True
+    # true: raw_body (bytes, any encoding); false: body, which must be UTF-8 or the check
+    # fails to decode (binary tensors do not pass).
+    pack_as_bytes: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +201,8 @@ class SidecarSpec:
     path_normalization: str = "BASE"
     # Access log to stdout (Istio: meshConfig.accessLogFile: /dev/stdout).
     access_log: bool = False
+    # None: checks carry headers only (the provider without includeRequestBodyInCheck).
+    request_body: RequestBody | None = None
     node_id: str = "sidecar~127.0.0.1~model-server.ml-serving~ml-serving.svc.cluster.local"
 
     @property
@@ -238,6 +260,11 @@ def _check(spec: SidecarSpec) -> None:
         )
     if not spec.paths:
         raise SidecarConfigError("paths must list at least one AuthorizationPolicy path")
+    body = spec.request_body
+    if body is not None and not 1 <= body.max_request_bytes <= MAX_BUFFERED_BODY:
+        raise SidecarConfigError(
+            f"max_request_bytes must be in 1..{MAX_BUFFERED_BODY} (the connection manager's "
+            f"buffer), got {body.max_request_bytes}")
 
 
 def path_permission(path: str) -> Permission:
@@ -288,6 +315,15 @@ def ext_authz_filter(spec: SidecarSpec) -> HttpFilter:
         ),
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=spec.fail_open,
+        with_request_body=(
+            None
+            if spec.request_body is None
+            else BufferSettings(
+                max_request_bytes=spec.request_body.max_request_bytes,
+                allow_partial_message=spec.request_body.allow_partial_message,
+                pack_as_bytes=spec.request_body.pack_as_bytes,
+            )
+        ),
         status_on_error=(
             None
             if spec.status_on_error is None
@@ -518,6 +554,22 @@ def _parser() -> argparse.ArgumentParser:
         help="meshConfig.pathNormalization (default BASE, as Istio)",
     )
     p.add_argument("--access-log", action="store_true", help="access log to stdout")
+    p.add_argument(
+        "--request-body-bytes",
+        type=int,
+        default=0,
+        help="includeRequestBodyInCheck.maxRequestBytes (0 = no body in the check)",
+    )
+    p.add_argument(
+        "--no-partial-body",
+        action="store_true",
+        help="allowPartialMessage: false (Envoy answers 413 for longer bodies)",
+    )
+    p.add_argument(
+        "--body-as-text",
+        action="store_true",
+        help="packAsBytes: false (the body as UTF-8 text)",
+    )
     return p
 
 
@@ -541,6 +593,15 @@ def spec_from_args(args: argparse.Namespace) -> SidecarSpec:
         lb_policy=args.lb_policy,
         path_normalization=args.path_normalization,
         access_log=args.access_log,
+        request_body=(
+            RequestBody(
+                max_request_bytes=args.request_body_bytes,
+                allow_partial_message=not args.no_partial_body,
+                pack_as_bytes=not args.body_as_text,
+            )
+            if args.request_body_bytes
+            else None
+        ),
     )
 
 

@@ -129,6 +129,7 @@ class ServiceOptions:
     store_timeout: str = "250ms"
     quota: Mapping[str, Any] = field(default_factory=lambda: QUOTA)
     headers: Mapping[str, Any] = field(default_factory=dict)  # the config's `headers` section
+    paths: Mapping[str, Any] = field(default_factory=dict)  # the config's `paths` section
 
 
 class AuthzService:
@@ -162,6 +163,8 @@ class AuthzService:
         }
         if options.headers:
             config["headers"] = dict(options.headers)
+        if options.paths:
+            config["paths"] = dict(options.paths)
         self.config_file = work_dir / f"{name}.yaml"
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         self.proc = ManagedProcess(

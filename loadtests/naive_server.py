@@ -106,7 +106,9 @@ def load_plans(quota_file: str) -> tuple[str, str, dict[str, NaivePlan]]:
         )
         models = None
         if (p or {}).get("models") is not None:
-            models = tuple((g, int((r or {}).get("cost", 1))) for g, r in p["models"].items())
+            # A cost read from the body (a mapping) is beyond the naive baseline: it charges 1.
+            models = tuple((g, c if isinstance(c := (r or {}).get("cost", 1), int) else 1)
+                           for g, r in p["models"].items())
         plans[name] = NaivePlan(limits, models)
     return data.get("plan_claim", "plan"), data.get("default_plan", "free"), plans
 

@@ -61,6 +61,11 @@ plans:
   trickle:
     limits:
       - {name: per-hour, rate: 1, per: 1h, burst: 1}
+  bench-batch:  # bench's limits, each request charged its batch size (the body's instances)
+    limits:
+      - {name: per-second, rate: 1000000000, per: 1s, burst: 1000000000}
+      - {name: per-day, rate: 1000000000, per: 1d, burst: 1000000000}
+    models: {"*": {cost: {from: instances}}}
 """
 
 MODELS = ("llama-3-8b", "mistral-7b", "resnet-50", "bert-base", "whisper-small")
@@ -145,6 +150,7 @@ def check_request(
     method: str = "POST",
     request_id: str | None = None,
     traceparent: str = TRACEPARENT,
+    raw_body: bytes = b"",
 ) -> external_auth_pb2.CheckRequest:
     """A CheckRequest shaped like the ones an Istio sidecar sends (see envoy-istio-contract)."""
     rid = request_id or str(uuid.uuid4())
@@ -184,8 +190,20 @@ def check_request(
     http.size = 412
     for k, v in headers.items():
         http.headers[k] = v
+    if raw_body:  # includeRequestBodyInCheck with packAsBytes
+        http.raw_body = raw_body
+        http.size = len(raw_body)
+        http.headers["content-length"] = str(len(raw_body))
+        http.headers["x-envoy-auth-partial-body"] = "false"
     attrs.request.time.GetCurrentTime()
     return req
+
+
+def v1_batch_body(size: int = 16 * 1024) -> bytes:
+    """A KServe v1 predict body of about `size` bytes: rows of 16 floats."""
+    row = [round(0.1 + i / 7, 6) for i in range(16)]
+    one = len(json.dumps(row)) + 2
+    return json.dumps({"instances": [row] * max(1, (size - 20) // one)}).encode()
 
 
 def model_path(rng: random.Random) -> str:

@@ -42,7 +42,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     summary = data["summary"]
     assert set(summary) == {"floor", "io-floor", "full-redis", "naive", "full-memory",
-                            "full-notel", "full-otel", "full-otel-1pct", "full-cluster"}
+                            "full-notel", "full-otel", "full-otel-1pct", "full-cluster",
+                            "full-body", "full-body-unused"}
     for name, s in summary.items():
         assert s["rps"] > 0, name
         assert s["light_p99_ms"] > 0, name

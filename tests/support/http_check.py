@@ -74,34 +74,43 @@ class ResponseReader:
 
 
 async def exchange(port: int, data: bytes | Sequence[bytes], *, responses: int = 1,
-                   within: float = 5.0, host: str = "127.0.0.1"
-                   ) -> tuple[list[Response], bool]:
+                   within: float = 5.0, host: str = "127.0.0.1", settle: float = 0.3,
+                   partial: bool = False) -> tuple[list[Response], bool]:
     """Send `data` (one write, or each item as its own write) on a fresh connection; read
-    until `responses` answers arrived or the server closed. Returns (answers, closed)."""
+    until `responses` answers arrived or the server closed. Returns (answers, closed): closed
+    means the server closed within `settle` seconds after the last answer. `partial`: fewer
+    answers than asked within `within` are returned instead of raising TimeoutError."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         for chunk in [data] if isinstance(data, bytes) else data:
             writer.write(chunk)
             await writer.drain()
-        return await read_responses(reader, responses, within)
+        return await read_responses(reader, responses, within, settle=settle, partial=partial)
     finally:
         writer.close()
 
 
-async def read_responses(reader: asyncio.StreamReader, responses: int, within: float
+async def read_responses(reader: asyncio.StreamReader, responses: int, within: float, *,
+                         settle: float = 0.3, partial: bool = False
                          ) -> tuple[list[Response], bool]:
     parsed = ResponseReader()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while len(parsed.done) < responses:
         left = deadline - loop.time()
-        if left <= 0:
-            raise TimeoutError(f"{len(parsed.done)}/{responses} answers within {within} s")
-        chunk = await asyncio.wait_for(reader.read(65536), left)
+        try:
+            if left <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(reader.read(65536), left)
+        except TimeoutError:
+            if partial:
+                return parsed.done, False
+            raise TimeoutError(f"{len(parsed.done)}/{responses} answers within {within} s"
+                               ) from None
         if not chunk:
             return parsed.done, True
         parsed.feed(chunk)
-    return parsed.done, await closed_soon(reader)
+    return parsed.done, (await closed_soon(reader, settle)) if settle else False
 
 
 async def closed_soon(reader: asyncio.StreamReader, wait: float = 0.3) -> bool:

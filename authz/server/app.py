@@ -81,12 +81,18 @@ class Components:
     http: HttpEdge
 
 
+def retained_claims(quota: Quota) -> frozenset[str]:
+    """The verified claims the decision reads: cached identities keep only these."""
+    return frozenset({quota.plan_claim})
+
+
 def build_components(settings: Settings, quota: Quota, *,
                      static_issuers: Mapping[str, Any] | None = None,
                      store: BucketStore | None = None,
                      telemetry: CheckTelemetry | None = None,
                      http_limits: HttpLimits | None = None) -> Components:
     authenticator = Authenticator(settings.auth, static_issuers=dict(static_issuers or {}))
+    authenticator.retained_claims = retained_claims(quota)
     store = store if store is not None else build_store(settings, telemetry)
     if telemetry is not None:
         telemetry.register_token_cache(lambda: authenticator.cache_hits,
@@ -217,8 +223,11 @@ class Server:
                           type(e).__name__, e, exc_info=e)
                 self._reload_done(False)
                 return False
-            # One assignment: a decision in flight keeps the resolver it started with.
+            # One assignment: a decision in flight keeps the resolver it started with. In the same
+            # step (no await between), the token cache keeps what the new quota reads (a new
+            # plan_claim empties it).
             self.components.pipeline.resolver = Resolver(quota)
+            self.components.authenticator.retained_claims = retained_claims(quota)
             # Locally cached refusals were computed under the old limits.
             if isinstance(self.components.store, DenyCache):
                 self.components.store.clear()

@@ -29,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="worker processes sharing the port (default: server.workers; "
                             "0 = one per CPU)")
     serve.add_argument("--grpc-port", type=int, default=None, help="override server.grpc_port")
+    serve.add_argument("--http-port", type=int, default=None,
+                       help="override server.http_port (the HTTP ext_authz edge; 0 disables)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="override server.metrics_port (0 disables)")
     serve.add_argument("--dev", action="store_true",
@@ -116,6 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
     if args.grpc_port is not None:
         changes["grpc_port"] = args.grpc_port
+    if args.http_port is not None:
+        changes["http_port"] = args.http_port
     if args.metrics_port is not None:
         changes["metrics_port"] = args.metrics_port
     if args.workers is not None:
@@ -141,6 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
             worker_argv += ["--config", args.config]
         if args.grpc_port is not None:
             worker_argv += ["--grpc-port", str(args.grpc_port)]
+        if args.http_port is not None:
+            worker_argv += ["--http-port", str(args.http_port)]
         if args.metrics_port is not None:
             worker_argv += ["--metrics-port", str(args.metrics_port)]
         return _supervise(worker_argv, workers, settings)
@@ -157,6 +163,9 @@ def _supervise(worker_argv: list[str], workers: int, settings: Settings) -> int:
     port, claim = reserve_port(server.host, server.grpc_port)  # StartupError: port taken
     if port != server.grpc_port:  # 0: one free port, the same for every worker
         worker_argv = [*worker_argv, "--grpc-port", str(port)]
+    claims = [claim]
+    if server.http_port:  # 0: the HTTP edge is off
+        claims.append(reserve_port(server.host, server.http_port, "server.http_port")[1])
     aggregator = None
     env_for = None
     if server.metrics_port:
@@ -178,8 +187,9 @@ def _supervise(worker_argv: list[str], workers: int, settings: Settings) -> int:
     finally:
         if aggregator is not None:
             aggregator.shutdown()
-        if claim is not None:
-            claim.close()
+        for held in claims:
+            if held is not None:
+                held.close()
 
 
 def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:

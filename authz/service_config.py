@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config.problems import Problems
-from .config.service_file import load_settings
+from .config.service_file import load_settings, server_port_problems
 from .config.settings import Settings
 from .errors import ConfigError, KeySourceError
 from .quota import load_quota
@@ -36,7 +36,8 @@ def load_service_config(path: str | Path | None, *, env: Mapping[str, str],
                         ) -> ServiceConfig:
     """The validated configuration, or ConfigError(s) naming every problem.
 
-    `server`: command-line overrides of `server.*` (grpc_port, metrics_port, workers).
+    `server`: command-line overrides of `server.*` (grpc_port, http_port, metrics_port,
+    workers).
     `dev`: `serve --dev`, where the development signer stands in for configured issuers.
     """
     file = str(path) if path is not None else "<defaults>"
@@ -45,6 +46,8 @@ def load_service_config(path: str | Path | None, *, env: Mapping[str, str],
     if server:
         settings = dataclasses.replace(
             settings, server=dataclasses.replace(settings.server, **server))
+        for key, problem in server_port_problems(settings.server):
+            problems.add(ConfigError("<command line>", f"server.{key}", problem))
     quota: Quota | None = None
     with problems.part():
         quota = load_quota(settings.quota_file, referrer=(file, "quota_file"))

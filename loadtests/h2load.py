@@ -1,10 +1,15 @@
-"""Run h2load (nghttp2's C HTTP/2 load generator) against a gRPC method and parse what it says.
+"""Run h2load (nghttp2's C HTTP/2 load generator) against a gRPC method, or (`--h1`) against the
+HTTP edge, and parse what it says.
 
 h2load knows nothing about gRPC: it POSTs a fixed body (the 5-byte gRPC frame prefix plus a
 serialized CheckRequest) with `content-type: application/grpc` and `te: trailers`, and counts
 HTTP 200s. A gRPC error is also an HTTP 200 (grpc-status travels in trailers), so callers check
 `data_bytes_per_request`: every Check our servers answer carries a response message, a gRPC
 error carries none.
+
+For the HTTP edge (`body=None`, `h1=True`) it sends the check request Envoy's HTTP client
+would: a GET of the check path with the given headers, one request in flight per connection
+(Envoy does not pipeline HTTP/1.1); the status codes it counts are the decisions' own.
 
 h2load prints no percentiles; `--log-file` writes one line per request (start time in us since
 the epoch, HTTP status, duration in us) and the percentiles are computed from that.
@@ -27,6 +32,7 @@ _REQUESTS = re.compile(
     r"(\d+) errored, (\d+) timeout"
 )
 _DATA = re.compile(r"\((\d+)\) data")
+_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
 
 
 class H2loadError(RuntimeError):
@@ -52,6 +58,8 @@ class H2loadResult:
     failed: int
     errored: int
     data_bytes: int
+    # Answers by status class: {"2xx": n, "3xx": n, "4xx": n, "5xx": n}.
+    status_codes: dict[str, int] = field(default_factory=dict)
     # Per-request durations (us) from the log file, in completion order.
     durations_us: list[int] = field(default_factory=list)
     starts_us: list[int] = field(default_factory=list)
@@ -83,6 +91,9 @@ def parse_output(text: str) -> H2loadResult:
     if finished is None or requests is None:
         raise H2loadError(f"cannot parse h2load output:\n{text[-2000:]}")
     data = _DATA.search(text)
+    status = _STATUS.search(text)
+    codes = dict(zip(("2xx", "3xx", "4xx", "5xx"), (int(x) for x in status.groups()),
+                     strict=True)) if status else {}
     total, _started, done, ok, failed, errored, _timeout = (int(x) for x in requests.groups())
     return H2loadResult(
         seconds=float(finished.group(1)) / (1000.0 if finished.group(2) == "ms" else 1.0),
@@ -93,6 +104,7 @@ def parse_output(text: str) -> H2loadResult:
         failed=failed,
         errored=errored,
         data_bytes=int(data.group(1)) if data else 0,
+        status_codes=codes,
         output=text,
     )
 
@@ -110,7 +122,7 @@ def read_log(path: Path) -> tuple[list[int], list[int]]:
 
 def run(
     url: str,
-    body: Path,
+    body: Path | None,
     *,
     cpu: str | None,
     connections: int = 16,
@@ -121,14 +133,22 @@ def run(
     log_file: Path | None = None,
     timeout: float = 120.0,
     threads: int = 1,
+    h1: bool = False,
+    headers: tuple[str, ...] = (),
 ) -> H2loadResult:
-    """One h2load run; `cpu` pins it with taskset (None: unpinned)."""
+    """One h2load run; `cpu` pins it with taskset (None: unpinned). `body` None: no request
+    body and no gRPC headers (the HTTP edge); `h1`: HTTP/1.1; `headers`: "name: value"."""
     argv: list[str] = []
     if cpu is not None:
         argv += ["taskset", "-c", cpu]
-    argv += [find_h2load(), "-t", str(threads), "-c", str(connections),
-             "-m", str(streams), "-d", str(body)]
-    for h in GRPC_HEADERS:
+    argv += [find_h2load(), "-t", str(threads), "-c", str(connections), "-m", str(streams)]
+    if h1:
+        argv.append("--h1")
+    if body is not None:
+        argv += ["-d", str(body)]
+        for h in GRPC_HEADERS:
+            argv += ["-H", h]
+    for h in headers:
         argv += ["-H", h]
     if duration is not None:
         argv += ["-D", f"{round(duration * 1000)}ms"]

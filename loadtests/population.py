@@ -206,6 +206,23 @@ def v1_batch_body(size: int = 16 * 1024) -> bytes:
     return json.dumps({"instances": [row] * max(1, (size - 20) // one)}).encode()
 
 
+# The HTTP edge's check requests carry the shipped registration's pathPrefix.
+HTTP_PATH_PREFIX = "/check"
+
+
+def http_check_headers(authorization: str | None, *,
+                       traceparent: str = TRACEPARENT) -> dict[str, str]:
+    """The headers of the check request Envoy's HTTP client sends for a client's request, as
+    the shipped envoyExtAuthzHttp registration includes them (authorization and the trace
+    headers), plus the two Envoy adds (seen on Envoy 1.40). Host, method and path come from the
+    client's request."""
+    headers = {"traceparent": traceparent, "x-envoy-internal": "true",
+               "x-envoy-expected-rq-timeout-ms": "500"}
+    if authorization is not None:
+        headers["authorization"] = authorization
+    return headers
+
+
 def model_path(rng: random.Random) -> str:
     model = rng.choice(MODELS)
     if rng.random() < 0.5:
@@ -252,6 +269,7 @@ class World:
         self,
         *,
         grpc_port: int,
+        http_port: int = 0,
         redis_url: str = "",
         token_cache_size: int | None = None,
         log_level: str = "WARNING",
@@ -271,6 +289,7 @@ class World:
             # metrics_port 0: several servers run side by side in one benchmark. No drain delay:
             # nothing routes around a load-test server, and the benchmark restarts servers.
             "server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": metrics_port,
+                       "http_port": http_port, "http_path_prefix": HTTP_PATH_PREFIX,
                        "drain_delay": "0s", "shutdown_grace": "2s"},
             "auth": auth,
             "store": {"redis_url": redis_url, **(store or {})},

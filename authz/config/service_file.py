@@ -136,6 +136,8 @@ def _server(n: Node) -> ServerSettings:
         host=n.text("host", d.host, allow_empty=False),
         grpc_port=n.integer("grpc_port", d.grpc_port, minimum=0, maximum=65535),
         metrics_port=n.integer("metrics_port", d.metrics_port, minimum=0, maximum=65535),
+        http_port=n.integer("http_port", d.http_port, minimum=0, maximum=65535),
+        http_path_prefix=_path_prefix(n, "http_path_prefix", d.http_path_prefix),
         workers=n.integer("workers", d.workers, minimum=0, maximum=256),
         drain_delay=n.duration("drain_delay", d.drain_delay, allow_zero=True,
                                maximum=DRAIN_DELAY_MAX),
@@ -143,9 +145,45 @@ def _server(n: Node) -> ServerSettings:
                                   minimum=SHUTDOWN_GRACE_MIN, maximum=SHUTDOWN_GRACE_MAX),
     )
     n.done()
-    if not n.failed and s.metrics_port and s.metrics_port == s.grpc_port:
-        n.report("metrics_port", "must differ from grpc_port")
+    if not n.failed:
+        for problem in server_port_problems(s):
+            n.report(*problem)
     return s
+
+
+def server_port_problems(s: ServerSettings) -> list[tuple[str, str]]:
+    """(key, problem) for ports that would collide: checked for the file's values and again
+    after the command line's overrides (`--grpc-port`, `--http-port`, `--metrics-port`)."""
+    out: list[tuple[str, str]] = []
+    if s.metrics_port and s.metrics_port == s.grpc_port:
+        out.append(("metrics_port", "must differ from grpc_port"))
+    if s.http_port and s.http_port == s.grpc_port:
+        out.append(("http_port", "must differ from grpc_port"))
+    if s.http_port and s.http_port == s.metrics_port:
+        out.append(("http_port", "must differ from metrics_port"))
+    return out
+
+
+# Istio requires pathPrefix to start with '/' and parse as a URL path; the prefix is compared
+# byte for byte with the check request's path, so nothing a proxy could re-encode is allowed.
+# 256 bytes: a prefix is a short route ("/check"); the path after it keeps its own 4 KiB bound.
+MAX_PATH_PREFIX = 256
+_PATH_PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                         "-._~/!$&'()*+,;=:@")
+
+
+def _path_prefix(n: Node, key: str, default: str) -> str:
+    value = n.text(key, default)
+    if not value:
+        return value
+    if not value.startswith("/"):
+        n.report(key, f"expected a path starting with '/' (as Istio's pathPrefix), got {value!r}")
+        return default
+    if len(value) > MAX_PATH_PREFIX or not set(value) <= _PATH_PREFIX_CHARS:
+        n.report(key, f"expected at most {MAX_PATH_PREFIX} characters of a URL path (no "
+                 f"query, fragment, percent-encoding or spaces), got {value[:80]!r}")
+        return default
+    return value
 
 
 def _auth(n: Node, base_dir: Path | None) -> AuthSettings:

@@ -24,6 +24,13 @@ class ServerSettings:
     grpc_port: int = 9000
     # 9464: the OpenTelemetry Prometheus exporter's customary port. 0 disables the endpoint.
     metrics_port: int = 9464
+    # Envoy's HTTP ext_authz protocol (Istio `envoyExtAuthzHttp`) on its own port, beside gRPC.
+    # 0 (the default): off, so an existing deployment opens no new port on an upgrade. 8000 is
+    # the port Istio's ext-authz sample serves HTTP checks on.
+    http_port: int = 0
+    # What the provider's `pathPrefix` puts before every check request's path: removed before
+    # the path is classified. Empty: the check path is the request's path as it is.
+    http_path_prefix: str = ""
     # 0 means one worker process per CPU.
     workers: int = 0
     # After SIGTERM: health turns NOT_SERVING at once; new connections are refused only after

@@ -7,6 +7,23 @@ extauthz.go and builder.go, Istio 1.30) when a mesh has
     - name: rate-limiter
       envoyExtAuthzGrpc: {service: <fqdn>, port: 9000, timeout: 500ms, statusOnError: "503"}
 
+or, with `protocol="http"`, the HTTP provider (`generateHTTPConfig`):
+
+    - name: rate-limiter-http
+      envoyExtAuthzHttp: {service: <fqdn>, port: 8000, timeout: 500ms, statusOnError: "503",
+                          pathPrefix: /check, includeRequestHeadersInCheck: [...],
+                          headersToUpstreamOnAllow: [...], headersToDownstreamOnAllow: [...],
+                          headersToDownstreamOnDeny: [...]}
+
+which istiod turns into an `http_service`: `server_uri` {cluster, `uri: http://<fqdn>`,
+timeout}, `path_prefix`, `authorization_request.allowed_headers` (plus `headers_to_add` from
+includeAdditionalHeadersInCheck) and `authorization_response` {allowed_upstream_headers,
+allowed_client_headers (OnDeny), allowed_client_headers_on_success (OnAllow)}, only when one of
+the three lists is set. Each header becomes an `ignore_case` matcher: exact, `prefix` for
+`name*`, `suffix` for `*name`. Newer istiod versions put the request headers in the filter's
+own `allowed_headers` (the default here; Envoy 1.40 calls the older field deprecated); Envoy
+accepts either, not both: `allowed_headers_on_filter=False` renders the older shape.
+
 and an AuthorizationPolicy `action: CUSTOM, provider: {name: rate-limiter}` with
 `to: [{operation: {paths: ["/v1/models/*", "/v2/models/*"]}}]`:
 
@@ -65,7 +82,10 @@ with warnings.catch_warnings():
         ApiVersion,
         GrpcService,
         GrpcServiceEnvoyGrpc,
+        HeaderValue,
+        Http1ProtocolOptions,
         Http2ProtocolOptions,
+        HttpUri,
         Node,
         RoutingPriority,
         SocketAddress,
@@ -97,8 +117,11 @@ with warnings.catch_warnings():
     )
     from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
     from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+        AuthorizationRequest,
+        AuthorizationResponse,
         BufferSettings,
         ExtAuthz,
+        HttpService,
     )
     from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
     from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
@@ -113,6 +136,7 @@ with warnings.catch_warnings():
         HttpProtocolOptionsExplicitHttpConfig,
     )
     from envoy_data_plane.envoy.type.matcher.v3 import (
+        ListStringMatcher,
         MetadataMatcher,
         MetadataMatcherPathSegment,
         PathMatcher,
@@ -166,6 +190,25 @@ class RequestBody:
     # fails to decode (binary tensors do not pass).
     pack_as_bytes: bool = True
 
+# The shipped envoyExtAuthzHttp registration's header lists (deploy/istio/), for the service's
+# default header names. Request: Envoy always sends authorization (and the method, path and
+# Host); the trace headers let the check span join the caller's trace.
+HTTP_INCLUDE_REQUEST_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-*")
+# To the model server on allow: the identity headers, which Envoy then *sets* (overwriting any
+# client-sent copy), and the degraded and shadow markers. A header missing here never reaches
+# the model server from us, and a client's forged copy of it stays: keep the list complete.
+HTTP_HEADERS_TO_UPSTREAM = ("x-auth-subject", "x-auth-issuer", "x-auth-plan", "x-authz-degraded",
+                            "x-authz-shadow")
+# To the client: the RateLimit headers on allow ("ratelimit*": every form of the draft); on
+# deny also the challenge, Retry-After and the JSON body's headers.
+HTTP_HEADERS_TO_DOWNSTREAM_ON_ALLOW = ("ratelimit*",)
+HTTP_HEADERS_TO_DOWNSTREAM_ON_DENY = ("www-authenticate", "retry-after", "ratelimit*",
+                                      "content-type", "cache-control")
+# Istio's sample ext-authz server serves HTTP checks on 8000 (gRPC on 9000).
+HTTP_SERVICE_PORT = 8000
+HTTP_PATH_PREFIX = "/check"
+PROTOCOLS = ("grpc", "http")
+
 
 @dataclass(frozen=True, slots=True)
 class SidecarSpec:
@@ -187,6 +230,20 @@ class SidecarSpec:
     service_fqdn: str = "rate-limiter.authz.svc.cluster.local"
     service_port: int = 9000
     endpoints: tuple[tuple[str, int], ...] = (("127.0.0.1", 9000),)
+    # "grpc": envoyExtAuthzGrpc; "http": envoyExtAuthzHttp (the fields below).
+    protocol: str = "grpc"
+    # envoyExtAuthzHttp.pathPrefix, includeRequestHeadersInCheck, the three header lists and
+    # includeAdditionalHeadersInCheck. Patterns as Istio takes them: "name", "prefix*", "*suffix".
+    path_prefix: str = ""
+    include_request_headers: tuple[str, ...] = HTTP_INCLUDE_REQUEST_HEADERS
+    headers_to_upstream_on_allow: tuple[str, ...] = HTTP_HEADERS_TO_UPSTREAM
+    headers_to_downstream_on_allow: tuple[str, ...] = HTTP_HEADERS_TO_DOWNSTREAM_ON_ALLOW
+    headers_to_downstream_on_deny: tuple[str, ...] = HTTP_HEADERS_TO_DOWNSTREAM_ON_DENY
+    include_additional_headers: tuple[tuple[str, str], ...] = ()
+    # The request headers in ExtAuthz.allowed_headers, as newer istiod versions emit them
+    # (Envoy 1.40 warns that http_service.authorization_request.allowed_headers, where older
+    # ones put them, is deprecated); False: the older shape.
+    allowed_headers_on_filter: bool = True
     timeout: float = RECOMMENDED_TIMEOUT
     fail_open: bool = False
     # An HTTP status code, or None for Envoy's (and Istio's) default, 403.
@@ -265,6 +322,22 @@ def _check(spec: SidecarSpec) -> None:
         raise SidecarConfigError(
             f"max_request_bytes must be in 1..{MAX_BUFFERED_BODY} (the connection manager's "
             f"buffer), got {body.max_request_bytes}")
+    if spec.protocol not in PROTOCOLS:
+        raise SidecarConfigError(f"protocol {spec.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if spec.path_prefix and (not spec.path_prefix.startswith("/") or spec.protocol != "http"):
+        # istiod: "pathPrefix must begin with `/`"; gRPC providers have no pathPrefix.
+        raise SidecarConfigError(f"path_prefix {spec.path_prefix!r}: an HTTP provider's, "
+                                 "starting with '/'")
+    for name, patterns in (("include_request_headers", spec.include_request_headers),
+                           ("headers_to_upstream_on_allow", spec.headers_to_upstream_on_allow),
+                           ("headers_to_downstream_on_allow",
+                            spec.headers_to_downstream_on_allow),
+                           ("headers_to_downstream_on_deny", spec.headers_to_downstream_on_deny)):
+        for pattern in patterns:
+            if pattern == "*" or not pattern:
+                # istiod: 'a single wildcard ("*") is not supported'
+                raise SidecarConfigError(f"{name}: {pattern!r} is not a header pattern (a name, "
+                                         "'prefix*' or '*suffix')")
 
 
 def path_permission(path: str) -> Permission:
@@ -303,7 +376,91 @@ def rbac_shadow_filter(spec: SidecarSpec) -> HttpFilter:
     return HttpFilter(name=RBAC_FILTER, typed_config=AnyProto.pack(config))
 
 
+def header_matchers(patterns: Sequence[str]) -> ListStringMatcher | None:
+    """Istio's generateHeaders: ignore_case matchers, `*x` a suffix, `x*` a prefix, else exact;
+    None for an empty list (the field is then left unset)."""
+    if not patterns:
+        return None
+    out = []
+    for p in patterns:
+        if p.startswith("*"):
+            out.append(StringMatcher(suffix=p[1:], ignore_case=True))
+        elif p.endswith("*"):
+            out.append(StringMatcher(prefix=p[:-1], ignore_case=True))
+        else:
+            out.append(StringMatcher(exact=p, ignore_case=True))
+    return ListStringMatcher(patterns=out)
+
+
+def _filter_gate() -> MetadataMatcher:
+    return MetadataMatcher(
+        filter=RBAC_FILTER,
+        path=[MetadataMatcherPathSegment(key=SHADOW_POLICY_KEY)],
+        value=ValueMatcher(string_match=StringMatcher(prefix=EXT_AUTHZ_POLICY_PREFIX)),
+    )
+
+
+def _status_on_error(spec: SidecarSpec) -> HttpStatus | None:
+    if spec.status_on_error is None:
+        return None
+    return HttpStatus(code=StatusCode(spec.status_on_error))
+
+
+def _with_body(spec: SidecarSpec) -> BufferSettings | None:
+    """includeRequestBodyInCheck (either protocol; packAsBytes matters to gRPC only: the HTTP
+    filter always sends the raw bytes)."""
+    body = spec.request_body
+    if body is None:
+        return None
+    return BufferSettings(max_request_bytes=body.max_request_bytes,
+                          allow_partial_message=body.allow_partial_message,
+                          pack_as_bytes=body.pack_as_bytes)
+
+
+def http_ext_authz_filter(spec: SidecarSpec) -> HttpFilter:
+    """generateHTTPConfig: the HTTP provider's ext_authz filter."""
+    allowed = header_matchers(spec.include_request_headers)
+    headers_to_add = [HeaderValue(key=k, value=v)
+                      for k, v in sorted(spec.include_additional_headers)]
+    service = HttpService(
+        path_prefix=spec.path_prefix,
+        server_uri=HttpUri(
+            uri=f"http://{spec.service_fqdn}",  # required, never used by the filter
+            cluster=spec.outbound_cluster,
+            timeout=timedelta(seconds=spec.timeout),
+        ),
+    )
+    if (allowed is not None and not spec.allowed_headers_on_filter) or headers_to_add:
+        with warnings.catch_warnings():
+            # Deprecated in Envoy's API for ExtAuthz.allowed_headers, and still what the
+            # istiod versions that emit it emit; Envoy 1.40 takes it.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            service.authorization_request = AuthorizationRequest(
+                allowed_headers=None if spec.allowed_headers_on_filter else allowed,
+                headers_to_add=headers_to_add)
+    if (spec.headers_to_upstream_on_allow or spec.headers_to_downstream_on_deny
+            or spec.headers_to_downstream_on_allow):
+        service.authorization_response = AuthorizationResponse(
+            allowed_upstream_headers=header_matchers(spec.headers_to_upstream_on_allow),
+            allowed_client_headers=header_matchers(spec.headers_to_downstream_on_deny),
+            allowed_client_headers_on_success=header_matchers(
+                spec.headers_to_downstream_on_allow),
+        )
+    config = ExtAuthz(
+        http_service=service,
+        transport_api_version=ApiVersion.V3,
+        failure_mode_allow=spec.fail_open,
+        status_on_error=_status_on_error(spec),
+        filter_enabled_metadata=_filter_gate(),
+        with_request_body=_with_body(spec),
+        allowed_headers=allowed if spec.allowed_headers_on_filter else None,
+    )
+    return HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyProto.pack(config))
+
+
 def ext_authz_filter(spec: SidecarSpec) -> HttpFilter:
+    if spec.protocol == "http":
+        return http_ext_authz_filter(spec)
     config = ExtAuthz(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(
@@ -315,25 +472,9 @@ def ext_authz_filter(spec: SidecarSpec) -> HttpFilter:
         ),
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=spec.fail_open,
-        with_request_body=(
-            None
-            if spec.request_body is None
-            else BufferSettings(
-                max_request_bytes=spec.request_body.max_request_bytes,
-                allow_partial_message=spec.request_body.allow_partial_message,
-                pack_as_bytes=spec.request_body.pack_as_bytes,
-            )
-        ),
-        status_on_error=(
-            None
-            if spec.status_on_error is None
-            else HttpStatus(code=StatusCode(spec.status_on_error))
-        ),
-        filter_enabled_metadata=MetadataMatcher(
-            filter=RBAC_FILTER,
-            path=[MetadataMatcherPathSegment(key=SHADOW_POLICY_KEY)],
-            value=ValueMatcher(string_match=StringMatcher(prefix=EXT_AUTHZ_POLICY_PREFIX)),
-        ),
+        status_on_error=_status_on_error(spec),
+        filter_enabled_metadata=_filter_gate(),
+        with_request_body=_with_body(spec),
     )
     return HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyProto.pack(config))
 
@@ -461,14 +602,23 @@ def _static_cluster(name: str, endpoints: Sequence[tuple[str, int]], lb_policy: 
 
 def provider_cluster(spec: SidecarSpec) -> Cluster:
     cluster = _static_cluster(spec.outbound_cluster, spec.endpoints, spec.lb_policy)
-    # gRPC needs HTTP/2 to the provider; Istio derives it from the port name `grpc` or
-    # appProtocol (istio/istio#50881: over HTTP/1.1 every check fails -> 403).
-    http2 = HttpProtocolOptions(
-        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-            http2_protocol_options=Http2ProtocolOptions()
+    if spec.protocol == "http":
+        # The HTTP provider's port is named `http` (appProtocol http): HTTP/1.1, pooled
+        # keep-alive connections, one check in flight on each (Envoy does not pipeline).
+        options = HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                http_protocol_options=Http1ProtocolOptions()
+            )
         )
-    )
-    cluster.typed_extension_protocol_options = {HTTP_PROTOCOL_OPTIONS: AnyProto.pack(http2)}
+    else:
+        # gRPC needs HTTP/2 to the provider; Istio derives it from the port name `grpc` or
+        # appProtocol (istio/istio#50881: over HTTP/1.1 every check fails -> 403).
+        options = HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                http2_protocol_options=Http2ProtocolOptions()
+            )
+        )
+    cluster.typed_extension_protocol_options = {HTTP_PROTOCOL_OPTIONS: AnyProto.pack(options)}
     return cluster
 
 
@@ -491,7 +641,11 @@ def build_bootstrap(spec: SidecarSpec) -> Bootstrap:
 
 def render(spec: SidecarSpec) -> dict[str, Any]:
     """The bootstrap as a plain dict with Envoy's snake_case field names."""
-    return build_bootstrap(spec).to_dict(casing=betterproto2.Casing.SNAKE)
+    with warnings.catch_warnings():
+        # Reading the deprecated AuthorizationRequest.allowed_headers (see
+        # http_ext_authz_filter) warns again on the way out.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return build_bootstrap(spec).to_dict(casing=betterproto2.Casing.SNAKE)
 
 
 HEADER = """\
@@ -535,6 +689,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_endpoint,
         help="HOST:PORT of a service replica (repeatable; default 127.0.0.1:<service-port>)",
     )
+    p.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
+                   help="the provider: envoyExtAuthzGrpc (grpc, the default) or "
+                        "envoyExtAuthzHttp (http; give --service-port 8000 --path-prefix /check "
+                        "for the shipped registration)")
+    p.add_argument("--path-prefix", default=d.path_prefix,
+                   help="envoyExtAuthzHttp.pathPrefix (http only; = server.http_path_prefix)")
     p.add_argument("--timeout", type=float, default=d.timeout, help="check timeout, seconds")
     p.add_argument("--fail-open", action="store_true", help="failOpen: allow when checks fail")
     p.add_argument(
@@ -584,6 +744,8 @@ def spec_from_args(args: argparse.Namespace) -> SidecarSpec:
         service_fqdn=args.service,
         service_port=args.service_port,
         endpoints=tuple(args.endpoint or [("127.0.0.1", args.service_port)]),
+        protocol=args.protocol,
+        path_prefix=args.path_prefix,
         timeout=args.timeout,
         fail_open=args.fail_open,
         status_on_error=args.status_on_error or None,

@@ -40,6 +40,7 @@ from ..quota import parse_quota
 from ..quota.model import Quota
 from ..quota.resolve import Resolver
 from ..tokens.verifier import Authenticator
+from .http_edge import HttpEdge, HttpLimits
 from .service import AuthorizationService
 
 if TYPE_CHECKING:
@@ -76,13 +77,23 @@ class Components:
     store: BucketStore
     pipeline: CheckPipeline
     service: AuthorizationService
+    # The HTTP edge over the same pipeline (listening only when server.http_port is set).
+    http: HttpEdge
+
+
+def retained_claims(quota: Quota) -> frozenset[str]:
+    """The verified claims the decision reads: cached identities keep only these (the plan
+    claim, and the claims shared limits are scoped by)."""
+    return quota.claims_used
 
 
 def build_components(settings: Settings, quota: Quota, *,
                      static_issuers: Mapping[str, Any] | None = None,
                      store: BucketStore | None = None,
-                     telemetry: CheckTelemetry | None = None) -> Components:
+                     telemetry: CheckTelemetry | None = None,
+                     http_limits: HttpLimits | None = None) -> Components:
     authenticator = Authenticator(settings.auth, static_issuers=dict(static_issuers or {}))
+    authenticator.retained_claims = retained_claims(quota)
     store = store if store is not None else build_store(settings, telemetry)
     if telemetry is not None:
         telemetry.register_token_cache(lambda: authenticator.cache_hits,
@@ -93,16 +104,20 @@ def build_components(settings: Settings, quota: Quota, *,
             for (issuer, result), n in authenticator.jwks_refresh_counts().items()})
     pipeline = CheckPipeline(answers=Answers(settings), paths=PathClassifier(settings.paths),
                              authenticator=authenticator, resolver=Resolver(quota), store=store)
-    return Components(authenticator, store, pipeline, AuthorizationService(pipeline, telemetry))
+    http = HttpEdge(pipeline, telemetry, path_prefix=settings.server.http_path_prefix,
+                    limits=http_limits)
+    return Components(authenticator, store, pipeline, AuthorizationService(pipeline, telemetry),
+                      http)
 
 
 class Server:
-    """One gRPC server process: Check + health on one port."""
+    """One server process: gRPC Check + health on one port, the HTTP edge (if configured) on
+    another; both decide with the same pipeline and stores, and drain together."""
 
     def __init__(self, settings: Settings, quota: Quota, *,
                  static_issuers: Mapping[str, Any] | None = None,
                  telemetry: CheckTelemetry | None = None, store: BucketStore | None = None,
-                 share_port: bool = False) -> None:
+                 share_port: bool = False, http_limits: HttpLimits | None = None) -> None:
         """`share_port`: bind with SO_REUSEPORT, for the workers of one `--workers N`
         supervisor (which makes sure nobody else holds the port). Otherwise the port is bound
         exclusively: a second server on it fails to start instead of silently taking half of
@@ -111,9 +126,11 @@ class Server:
         self.share_port = share_port
         self.telemetry = telemetry
         self.components = build_components(settings, quota, static_issuers=static_issuers,
-                                           store=store, telemetry=telemetry)
+                                           store=store, telemetry=telemetry,
+                                           http_limits=http_limits)
         self.health = health_aio.HealthServicer()
         self.port = 0
+        self.http_port = 0  # 0: the HTTP edge is off
         self._grpc: grpc.aio.Server | None = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -148,11 +165,20 @@ class Server:
             raise StartupError(f"cannot listen on {s.host}:{s.grpc_port} (server.grpc_port "
                                f"{s.grpc_port}): the address is in use by another process")
         self._grpc = server
+        if s.http_port:
+            try:
+                self.http_port = await self.components.http.start(
+                    s.host, s.http_port, reuse_port=self.share_port)
+            except OSError as e:
+                await server.stop(grace=None)
+                raise StartupError(f"cannot listen on {s.host}:{s.http_port} (server.http_port "
+                                   f"{s.http_port}): {e.strerror or e}; is another process "
+                                   "using the port?") from None
         await server.start()
         # "liveness": the process is up and answering, whatever its keys and store are doing
         # (Kubernetes startup/liveness probes; readiness uses "" or the Authorization service).
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening", extra={"grpc_port": self.port})
+        log.info("listening", extra={"grpc_port": self.port, "http_port": self.http_port})
         try:
             await self.components.authenticator.start()
         except Exception as e:
@@ -205,8 +231,11 @@ class Server:
                           type(e).__name__, e, exc_info=e)
                 self._reload_done(False)
                 return False
-            # One assignment: a decision in flight keeps the resolver it started with.
+            # One assignment: a decision in flight keeps the resolver it started with. In the same
+            # step (no await between), the token cache keeps what the new quota reads (a new
+            # plan_claim empties it).
             self.components.pipeline.resolver = Resolver(quota)
+            self.components.authenticator.retained_claims = retained_claims(quota)
             # Locally cached refusals were computed under the old limits.
             if isinstance(self.components.store, DenyCache):
                 self.components.store.clear()
@@ -266,7 +295,7 @@ class Server:
     async def _serving(self) -> None:
         for name in ("", AUTHZ_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"grpc_port": self.port})
+        log.info("serving", extra={"grpc_port": self.port, "http_port": self.http_port})
 
     async def stop(self) -> None:
         """Drain and stop (idempotent)."""
@@ -280,8 +309,11 @@ class Server:
         log.info("draining", extra={"drain_delay_s": s.drain_delay,
                                     "shutdown_grace_s": s.shutdown_grace})
         await asyncio.sleep(s.drain_delay)
+        # Both edges stop accepting and finish what is in flight, together.
+        stops = [self.components.http.stop(s.shutdown_grace)] if self.http_port else []
         if self._grpc is not None:
-            await self._grpc.stop(grace=s.shutdown_grace)
+            stops.append(self._grpc.stop(grace=s.shutdown_grace))
+        await asyncio.gather(*stops)
         for closer in (self.components.store.close, self.components.authenticator.close):
             with contextlib.suppress(Exception):
                 await closer()
@@ -290,6 +322,8 @@ class Server:
     async def stop_quietly(self) -> None:
         """Stop at once, without draining: for a process that never became ready."""
         self._stopping.set()
+        if self.http_port:
+            await self.components.http.stop(0)
         if self._grpc is not None:
             await self._grpc.stop(grace=None)
         for closer in (self.components.store.close, self.components.authenticator.close):

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 _RESTART_BACKOFF_S = 1.0
 
 
-def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
+def reserve_port(host: str, port: int, key: str = "server.grpc_port"
+                 ) -> tuple[int, socket.socket | None]:
     """Claim `host:port` for this supervisor's workers: (the port, a claim to keep open).
 
     The workers bind with SO_REUSEPORT so the kernel spreads connections across them; any
@@ -51,19 +52,19 @@ def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
         probe.bind(address)
         port = probe.getsockname()[1]
     except OSError as e:
-        raise StartupError(f"cannot listen on {host}:{port} (server.grpc_port {port}): "
-                        f"{e.strerror or e}; is another process using the port?") from None
+        raise StartupError(f"cannot listen on {host}:{port} ({key} {port}): "
+                           f"{e.strerror or e}; is another process using the port?") from None
     finally:
         probe.close()
     claim: socket.socket | None = None
     if hasattr(socket, "AF_UNIX") and sys.platform.startswith("linux"):
         claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            claim.bind(f"\0authz-grpc-port-{port}")
+            claim.bind(f"\0authz-{key.rpartition('.')[2].replace('_', '-')}-{port}")
         except OSError:
             claim.close()
-            raise StartupError(f"cannot listen on {host}:{port} (server.grpc_port {port}): "
-                            "another `authz serve --workers` supervisor holds it") from None
+            raise StartupError(f"cannot listen on {host}:{port} ({key} {port}): "
+                               "another `authz serve --workers` supervisor holds it") from None
     return port, claim
 
 

@@ -69,7 +69,7 @@ _TRACES_ / _METRICS_ forms), OTEL_TRACES_SAMPLER(_ARG), OTEL_PROPAGATORS, OTEL_B
 OTEL_METRIC_EXPORT_INTERVAL, OTEL_EXPORTER_PROMETHEUS_HOST / _PORT.
 """
 
-from authz.telemetry.check import RPC_ATTRIBUTES, SPAN_NAME, CheckScope
+from authz.telemetry.check import HTTP_ATTRIBUTES, RPC_ATTRIBUTES, SPAN_NAME, CheckScope
 from authz.telemetry.config import TelemetryConfig, TelemetryConfigError
 from authz.telemetry.logs import JsonFormatter, configure_logging, log_effective_config
 from authz.telemetry.metrics import LATENCY_BUCKETS
@@ -77,6 +77,7 @@ from authz.telemetry.protocol import CheckTelemetry
 from authz.telemetry.setup import Telemetry
 
 __all__ = [
+    "HTTP_ATTRIBUTES",
     "LATENCY_BUCKETS",
     "RPC_ATTRIBUTES",
     "SPAN_NAME",

@@ -36,6 +36,12 @@ SPAN_NAME = f"{RPC_SERVICE}/Check"
 RPC_ATTRIBUTES: Mapping[str, str] = {
     "rpc.system": "grpc", "rpc.service": RPC_SERVICE, "rpc.method": "Check",
 }
+# The HTTP edge's checks (Envoy's HTTP ext_authz protocol): HTTP server spans by the semantic
+# conventions, "{method}" with no route (every path is a check), the method normalized so the
+# caller cannot mint span names.
+HTTP_ATTRIBUTES: Mapping[str, str] = {"network.protocol.name": "http", "url.scheme": "http"}
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
+                           "TRACE", "PATCH"})
 # Outcomes that mean the service (not the caller) failed: the span gets status ERROR.
 _ERROR_OUTCOMES = frozenset({Outcome.BACKEND_ERROR, Outcome.INTERNAL_ERROR})
 # Distinct error.type values kept for authz.store.errors before folding into "_other".
@@ -66,7 +72,7 @@ class CheckScope:
     (later calls are ignored).
     """
 
-    __slots__ = ("_context", "_finished", "_recorder", "_start", "_token", "span")
+    __slots__ = ("_context", "_finished", "_http", "_recorder", "_start", "_token", "span")
 
     def __init__(
         self,
@@ -74,6 +80,7 @@ class CheckScope:
         start: float,
         span: trace.Span | None,
         ctx: otel_context.Context | None,
+        http: bool = False,
     ) -> None:
         self._recorder = recorder
         self._start = start
@@ -81,6 +88,7 @@ class CheckScope:
         self._context = ctx
         self._token: object | None = None
         self._finished = False
+        self._http = http  # a check of the HTTP edge: its duration goes to the HTTP histogram
 
     def __enter__(self) -> CheckScope:
         if self._context is not None:
@@ -154,14 +162,17 @@ class CheckRecorder:
 
     # ---- the check path -------------------------------------------------------------------
 
-    def start_check(self, headers: Mapping[str, str]) -> CheckScope:
+    def start_check(self, headers: Mapping[str, str], *,
+                    http_method: str | None = None) -> CheckScope:
         """Call first thing in the handler. `headers`: the CheckRequest's HTTP headers
-        (lower-case keys)."""
+        (lower-case keys). `http_method`: a check of the HTTP edge, with its request's method
+        (an HTTP server span instead of the gRPC one)."""
         self._counts.inflight += 1
         start = time.perf_counter()
         tracer = self._tracer
+        http = http_method is not None
         if tracer is None:
-            return CheckScope(self, start, None, None)
+            return CheckScope(self, start, None, None, http)
         try:
             # Without trace headers the check span is a root: never the child of whatever
             # context happens to be current.
@@ -171,7 +182,7 @@ class CheckRecorder:
                 if traceparent is not None:
                     unsampled = unsampled_parent(traceparent)
                     if unsampled is not None:
-                        return CheckScope(self, start, None, unsampled)
+                        return CheckScope(self, start, None, unsampled, http)
             if self._extract is not None:
                 parent = self._extract(headers) or _EMPTY
                 if self._skip_unsampled:
@@ -180,12 +191,18 @@ class CheckRecorder:
                         # The sampler would drop this span (the mesh samples ~1%): make none,
                         # but make the caller's context current, so store/JWKS child spans are
                         # dropped too and the logs carry its trace id.
-                        return CheckScope(self, start, None, parent)
-            span = tracer.start_span(SPAN_NAME, parent, SpanKind.SERVER, RPC_ATTRIBUTES)
-            return CheckScope(self, start, span, trace.set_span_in_context(span, parent))
+                        return CheckScope(self, start, None, parent, http)
+            if http_method is None:
+                span = tracer.start_span(SPAN_NAME, parent, SpanKind.SERVER, RPC_ATTRIBUTES)
+            else:
+                method = http_method if http_method in _HTTP_METHODS else "_OTHER"
+                span = tracer.start_span("HTTP" if method == "_OTHER" else method, parent,
+                                         SpanKind.SERVER,
+                                         {**HTTP_ATTRIBUTES, "http.request.method": method})
+            return CheckScope(self, start, span, trace.set_span_in_context(span, parent), http)
         except Exception:
             _log.exception("starting the check span failed")
-            return CheckScope(self, start, None, None)
+            return CheckScope(self, start, None, None, http)
 
     def finish_check(
         self,
@@ -205,13 +222,16 @@ class CheckRecorder:
         counts = self._counts
         counts.inflight -= 1
         try:
-            counts.check_duration.record(time.perf_counter() - scope._start)
+            histogram = counts.http_check_duration if scope._http else counts.check_duration
+            histogram.record(time.perf_counter() - scope._start)
             outcome = decision.outcome
             counts.count_decision((outcome.value, decision.reason, decision.plan, decision.model))
             span = scope.span
             if span is not None:
                 if span.is_recording():
                     span.set_attributes(self._span_attributes(decision, subject))
+                    if scope._http:
+                        span.set_attribute("http.response.status_code", decision.status)
                     if outcome in _ERROR_OUTCOMES:
                         span.set_status(Status(StatusCode.ERROR, decision.reason))
                 span.end()

@@ -96,6 +96,7 @@ class Counts:
         self.config_reloads: dict[str, int] = {"ok": 0, "error": 0}
         self.inflight = 0
         self.check_duration = LocalHistogram(LATENCY_BUCKETS)
+        self.http_check_duration = LocalHistogram(LATENCY_BUCKETS)  # the HTTP edge's checks
         self.store_duration = LocalHistogram(LATENCY_BUCKETS)
         self.token_cache: tuple[Callable[[], int], Callable[[], int], Callable[[], int]] | None
         self.token_cache = None

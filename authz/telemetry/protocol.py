@@ -21,8 +21,11 @@ class CheckTelemetry(Protocol):
     """Telemetry as the service uses it. Every method is for the event-loop thread and never
     raises (see authz/telemetry/__init__.py for the calling pattern)."""
 
-    def start_check(self, headers: Mapping[str, str]) -> CheckScope:
-        """First thing in the Check handler, with the request's HTTP headers."""
+    def start_check(self, headers: Mapping[str, str], *,
+                    http_method: str | None = None) -> CheckScope:
+        """First thing in the Check handler, with the request's HTTP headers; the HTTP edge
+        passes the check request's method (an HTTP server span, the HTTP duration histogram).
+        """
         ...
 
     def finish_check(self, scope: CheckScope, decision: Decision, subject: str | None = None,

@@ -28,7 +28,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import ProxyTracerProvider
 
 from authz.config.settings import Settings
-from authz.telemetry.check import RPC_ATTRIBUTES, CheckRecorder
+from authz.telemetry.check import HTTP_ATTRIBUTES, RPC_ATTRIBUTES, CheckRecorder
 from authz.telemetry.config import (
     DEFAULT_PROPAGATORS,
     TRACES_EXPORTER_GROUP,
@@ -154,6 +154,12 @@ class Telemetry(CheckRecorder):
                         "rpc.server.call.duration", "s",
                         "Check handling time, from the handler's start to its answer.",
                         RPC_ATTRIBUTES, counts.check_duration,
+                    ),
+                    BridgedHistogram(
+                        "http.server.request.duration", "s",
+                        "HTTP edge check handling time, from the whole request read to its "
+                        "answer.",
+                        HTTP_ATTRIBUTES, counts.http_check_duration,
                     ),
                     BridgedHistogram(
                         "authz.store.duration", "s",

@@ -35,4 +35,6 @@ class Identity:
     # values never share it; it is safe in Redis keys and logs whatever `sub` contains.
     key: str
     expires_at: float  # the token's exp (epoch seconds)
-    claims: Mapping[str, Any]  # verified claims (the plan claim is read from here)
+    # Verified claims, read-only: those the Authenticator's `retained_claims` names (the
+    # quota's plan claim, in the server), or all of them.
+    claims: Mapping[str, Any]

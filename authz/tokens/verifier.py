@@ -77,6 +77,9 @@ _DECODE_OPTIONS: Options = {
     "enforce_minimum_key_length": True,
 }
 _ALL_ASYMMETRIC = frozenset(ASYMMETRIC_ALGORITHMS)
+# Distinct retained-claims mappings shared between cached identities (one per plan value, in
+# practice); past this many, identities keep their own copy.
+_SHARED_CLAIM_SETS_MAX = 1024
 
 
 def _token_digest(token: str) -> bytes:
@@ -203,6 +206,9 @@ class Authenticator:
         self._max_header = settings.max_token_bytes + _SCHEME_LEN
         self._cache_limit = settings.token_cache_size
         self._cache: OrderedDict[bytes, Identity] = OrderedDict()
+        # Which verified claims an Identity keeps (None: all). See `retained_claims`.
+        self._retained: frozenset[str] | None = None
+        self._claim_sets: dict[tuple[tuple[str, Any], ...], Mapping[str, Any]] = {}
         # Telemetry reads these. hits: answered from the cache; misses: tokens that needed a
         # full verification (whatever its outcome).
         self.cache_hits = 0
@@ -289,6 +295,49 @@ class Authenticator:
     def ready(self) -> bool:
         """True once started and every issuer has keys."""
         return self._started and all(i.source.keys is not None for i in self._issuers.values())
+
+    # -- what an identity keeps ---------------------------------------------------------------
+
+    @property
+    def retained_claims(self) -> frozenset[str] | None:
+        """The verified claims each Identity keeps in `claims`; None keeps all of them.
+
+        The rest of a token's claims (jti, email, scope, ...) is verified and dropped: a cached
+        identity then costs a few hundred bytes instead of ~2 KB, and identities whose kept
+        claims are equal (every caller of one plan) share one mapping. The server sets it to
+        what the quota reads (its `plan_claim`) at start and on every quota reload; whatever
+        else comes to read claims adds its names here. Setting a different set empties the
+        token cache: its identities were built under the old one."""
+        return self._retained
+
+    @retained_claims.setter
+    def retained_claims(self, names: frozenset[str] | None) -> None:
+        names = frozenset(names) if names is not None else None
+        if names == self._retained:
+            return
+        self._retained = names
+        self._claim_sets.clear()
+        if self._cache:
+            logger.info("token cache emptied: the retained claims changed (%d entries)",
+                        len(self._cache))
+            self._cache.clear()
+
+    def _kept_claims(self, claims: dict[str, Any]) -> Mapping[str, Any]:
+        names = self._retained
+        if names is None:
+            # Read-only: one cached Identity is shared by every request carrying the token.
+            return MappingProxyType(claims)
+        kept = {k: claims[k] for k in names if k in claims}
+        try:
+            key = tuple(sorted(kept.items()))  # names are distinct: values never compared
+            shared = self._claim_sets.get(key)
+        except TypeError:  # an unhashable value (a list, an object): not shared
+            return MappingProxyType(kept)
+        if shared is None:
+            shared = MappingProxyType(kept)
+            if len(self._claim_sets) < _SHARED_CLAIM_SETS_MAX:
+                self._claim_sets[key] = shared
+        return shared
 
     # -- introspection (telemetry, health) -----------------------------------------------------
 
@@ -474,8 +523,7 @@ class Authenticator:
             subject=sub,
             key=identity_key(issuer, sub),
             expires_at=exp,
-            # Read-only: one cached Identity is shared by every request carrying the token.
-            claims=MappingProxyType(claims),
+            claims=self._kept_claims(claims),
         )
 
     # -- the verified-claims cache ---------------------------------------------------------

@@ -54,7 +54,7 @@ def test_every_policy_namespace_has_dns_and_istiod(rendered, readme, overlay: st
 
 def test_custom_policy_uses_a_registered_provider(rendered) -> None:
     names = authzconfig.provider_names()
-    assert names == ["rate-limiter"]
+    assert names == ["rate-limiter", "rate-limiter-http"]
     for docs in rendered.values():
         custom = [p for p in render.find(docs, "AuthorizationPolicy")
                   if p["spec"].get("action") == "CUSTOM"]
@@ -130,6 +130,13 @@ def test_only_ml_serving_sidecars_may_call_the_rate_limiter(rendered, overlay: s
     assert allowed(method="POST", path=CHECK, port=9000, source_namespace="ml-serving")
     assert not allowed(method="POST", path=CHECK, port=9000, source_namespace="ml-training")
     assert not allowed(method="POST", path=CHECK, port=9000)  # no mesh identity
+    # The HTTP edge: any method and path (the client's own, under /check), same callers.
+    for method in ("GET", "POST", "HEAD"):
+        check = "/check/v1/models/m:predict"
+        assert allowed(method=method, path=check, port=8000, source_namespace="ml-serving")
+        assert not allowed(method=method, path=check, port=8000,
+                           source_namespace="ml-training")
+        assert not allowed(method=method, path=check, port=8000)
     assert allowed(method="GET", path="/metrics", port=9464)   # Prometheus, outside the mesh
     assert not allowed(method="POST", path="/metrics", port=9464)
 

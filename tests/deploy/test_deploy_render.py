@@ -90,7 +90,7 @@ def test_deployment_is_hardened_and_probed(rendered, overlay: str) -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": 9000, "http-metrics": 9464}
+    assert ports == {"grpc": 9000, "http": 8000, "http-metrics": 9464}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == 9000, probe
     assert c["readinessProbe"]["grpc"]["service"] == "envoy.service.auth.v3.Authorization"
@@ -118,6 +118,9 @@ def test_service_pdb_hpa_match_the_deployment(rendered, overlay: str) -> None:
     assert svc["spec"]["selector"].items() <= labels.items()
     grpc = next(p for p in svc["spec"]["ports"] if p["port"] == 9000)
     assert grpc["name"] == "grpc" and grpc["appProtocol"] == "grpc"
+    http = next(p for p in svc["spec"]["ports"] if p["port"] == 8000)
+    assert http["name"] == "http" and http["appProtocol"] == "http"
+    assert http["targetPort"] == "http"
     pdb = one(docs, "PodDisruptionBudget", "rate-limiter", "authz-system")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = one(docs, "HorizontalPodAutoscaler", "rate-limiter", "authz-system")

@@ -32,7 +32,7 @@ from authz.demo.processes import (
     wait_grpc_serving,
 )
 from authz.demo.upstream import ModelStandIn
-from authz.mesh.sidecar import SidecarSpec, write
+from authz.mesh.sidecar import HTTP_PATH_PREFIX, SidecarSpec, write
 from authz.tokens.signer import Signer
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -133,10 +133,15 @@ class ServiceOptions:
 
 
 class AuthzService:
-    """`python -m authz serve --config FILE` as a child process, waited on until SERVING."""
+    """`python -m authz serve --config FILE` as a child process, waited on until SERVING.
+
+    Both edges are on, over the one pipeline: gRPC on `port`, HTTP on `http_port` (check
+    requests under HTTP_PATH_PREFIX, as the shipped envoyExtAuthzHttp registration sends them).
+    """
 
     def __init__(self, work_dir: Path, keys: Keys, options: ServiceOptions, name: str) -> None:
         self.port = free_port()
+        self.http_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         quota_file = work_dir / f"{name}-quota.yaml"
         quota_file.write_text(yaml.safe_dump(dict(options.quota)))
@@ -144,6 +149,8 @@ class AuthzService:
             "server": {
                 "host": "127.0.0.1",
                 "grpc_port": self.port,
+                "http_port": self.http_port,
+                "http_path_prefix": HTTP_PATH_PREFIX,
                 "metrics_port": 0,
                 "workers": 1,
                 "drain_delay": "0s",
@@ -185,6 +192,18 @@ class AuthzService:
 
     def stop(self) -> None:
         self.proc.stop()
+
+    def endpoint(self, protocol: str) -> tuple[str, int]:
+        """Where a sidecar's provider cluster points for this protocol ("grpc" or "http")."""
+        return ("127.0.0.1", self.http_port if protocol == "http" else self.port)
+
+
+def provider_options(protocol: str) -> dict[str, Any]:
+    """SidecarSpec options of the shipped registration for `protocol`: the gRPC provider, or
+    the HTTP one (port 8000 in the mesh, checks under HTTP_PATH_PREFIX)."""
+    if protocol == "http":
+        return {"protocol": "http", "service_port": 8000, "path_prefix": HTTP_PATH_PREFIX}
+    return {}
 
 
 class BlackHole:
@@ -241,14 +260,16 @@ def http_request(
     headers: Mapping[str, str] | None = None,
     body: bytes | None = None,
     timeout: float = 10.0,
+    more_headers: Sequence[tuple[str, str]] = (),
 ) -> Reply:
-    """One request on a fresh connection (no client-side pooling to blur what Envoy does)."""
+    """One request on a fresh connection (no client-side pooling to blur what Envoy does).
+    `more_headers`: sent after `headers`, repeated names included."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     started = time.monotonic()
     try:
         # skip_accept_encoding: send exactly the headers the test names.
         conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in (headers or {}).items():
+        for name, value in [*(headers or {}).items(), *more_headers]:
             conn.putheader(name, value)
         if body is not None:
             conn.putheader("content-length", str(len(body)))
@@ -368,6 +389,7 @@ __all__ = [
     "bearer",
     "http_request",
     "new_subject",
+    "provider_options",
     "started",
     "wait_for",
 ]

@@ -1,7 +1,7 @@
 """Costs from request bodies through a real Envoy wired as an Istio sidecar whose provider has
 includeRequestBodyInCheck: KServe v1 and Open Inference Protocol v2 batches, an OpenAI-style
 chat completion, a batch larger than the plan allows, a body cut at maxRequestBytes, a binary
-body, and (allowPartialMessage: false) Envoy's own 413."""
+body, on the gRPC and the HTTP provider; and (allowPartialMessage: false) Envoy's own 413."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .harness import (
     Sidecar,
     bearer,
     new_subject,
+    provider_options,
     started,
 )
 
@@ -51,24 +52,28 @@ QUOTA = {
 PATHS = ("/v1/models/*", "/v2/models/*", CHAT)
 
 
-def _stack(envoy_bin: Path, work_dir: Path, keys: Keys, name: str, body: RequestBody
-           ) -> Iterator[tuple[Sidecar, ModelStandIn]]:
+def _stack(envoy_bin: Path, work_dir: Path, keys: Keys, name: str, body: RequestBody,
+           protocol: str = "grpc") -> Iterator[tuple[Sidecar, ModelStandIn]]:
     directory = work_dir / name
     directory.mkdir(exist_ok=True)
     redis = Redis(directory)
     service = AuthzService(directory, keys, ServiceOptions(
         redis_url=redis.url, quota=QUOTA, paths={"llm_routes": [CHAT]}), name)
     upstream = ModelStandIn()
-    sidecar = Sidecar(envoy_bin, directory, upstream, [("127.0.0.1", service.port)],
-                      status_on_error=503, paths=PATHS, request_body=body)
+    sidecar = Sidecar(envoy_bin, directory, upstream, [service.endpoint(protocol)],
+                      status_on_error=503, paths=PATHS, request_body=body,
+                      **provider_options(protocol))
     with started(redis, service, upstream, sidecar):
         yield sidecar, upstream
 
 
-@pytest.fixture(scope="module")
-def partial(envoy_bin: Path, work_dir: Path, keys: Keys) -> Iterator[tuple[Sidecar, ModelStandIn]]:
-    yield from _stack(envoy_bin, work_dir, keys, "costs-partial",
-                      RequestBody(max_request_bytes=MAX_BYTES))
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def partial(request: pytest.FixtureRequest, envoy_bin: Path, work_dir: Path, keys: Keys
+            ) -> Iterator[tuple[Sidecar, ModelStandIn]]:
+    """Bodies up to MAX_BYTES in the check, longer ones cut (allowPartialMessage), on either
+    provider (gRPC: packAsBytes, raw_body; HTTP: the check request's own body)."""
+    yield from _stack(envoy_bin, work_dir, keys, f"costs-partial-{request.param}",
+                      RequestBody(max_request_bytes=MAX_BYTES), request.param)
 
 
 @pytest.fixture(scope="module")

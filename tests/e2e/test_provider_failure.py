@@ -1,4 +1,5 @@
-"""Envoy's answer when the ext_authz provider itself fails: down, or hanging.
+"""Envoy's answer when the ext_authz provider itself fails: down, or hanging; for the gRPC
+provider and the HTTP one (each test runs with both).
 
 No service runs here: the provider cluster points at a closed port or at a socket that never
 answers, which is what a crashed or wedged service looks like to the sidecar.
@@ -14,7 +15,7 @@ import pytest
 from authz.demo.processes import free_port
 from authz.demo.upstream import ModelStandIn
 
-from .harness import BlackHole, Sidecar, started
+from .harness import BlackHole, Sidecar, provider_options, started
 
 pytestmark = pytest.mark.envoy
 
@@ -29,16 +30,23 @@ def upstream() -> Iterator[ModelStandIn]:
         yield server
 
 
+@pytest.fixture(params=["grpc", "http"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 def _sidecar(
-    envoy_bin: Path, work_dir: Path, upstream: ModelStandIn, name: str, port: int, **options: object
+    envoy_bin: Path, work_dir: Path, upstream: ModelStandIn, name: str, port: int,
+    protocol: str, **options: object
 ) -> Sidecar:
     return Sidecar(
         envoy_bin,
         work_dir,
         upstream,
         [("127.0.0.1", port)],
-        name=name,
+        name=f"{name}-{protocol}",
         timeout=CHECK_TIMEOUT,
+        **provider_options(protocol),
         **options,
     )
 
@@ -54,6 +62,7 @@ def test_provider_down_fails_closed_with_status_on_error(
     upstream: ModelStandIn,
     status_on_error: int | None,
     expected: int,
+    protocol: str,
 ) -> None:
     closed_port = free_port()  # nothing listens: connection refused, like a crashed service
     sidecar = _sidecar(
@@ -62,6 +71,7 @@ def test_provider_down_fails_closed_with_status_on_error(
         upstream,
         f"down-{expected}",
         closed_port,
+        protocol,
         status_on_error=status_on_error,
     )
     with started(sidecar):
@@ -83,9 +93,11 @@ def test_hanging_provider_fails_closed_after_the_timeout(
     envoy_bin: Path,
     work_dir: Path,
     upstream: ModelStandIn,
+    protocol: str,
 ) -> None:
     with BlackHole() as hole:
-        sidecar = _sidecar(envoy_bin, work_dir, upstream, "hang", hole.port, status_on_error=503)
+        sidecar = _sidecar(envoy_bin, work_dir, upstream, "hang", hole.port, protocol,
+                           status_on_error=503)
         with started(sidecar):
             reply = sidecar.request(PREDICT, headers={"authorization": "Bearer whatever"})
             assert reply.status == 503
@@ -99,8 +111,10 @@ def test_fail_open_lets_requests_through_unchecked(
     envoy_bin: Path,
     work_dir: Path,
     upstream: ModelStandIn,
+    protocol: str,
 ) -> None:
-    sidecar = _sidecar(envoy_bin, work_dir, upstream, "fail-open", free_port(), fail_open=True)
+    sidecar = _sidecar(envoy_bin, work_dir, upstream, "fail-open", free_port(), protocol,
+                       fail_open=True)
     with started(sidecar):
         forged = {"authorization": "Bearer not-even-a-jwt", "x-auth-subject": "mallory"}
         reply = sidecar.request(PREDICT, method="POST", body=b'{"x": 1}', headers=forged)

@@ -11,11 +11,15 @@ import pytest
 import yaml
 
 from authz.mesh import sidecar
-from authz.mesh.sidecar import SidecarConfigError, SidecarSpec, render, to_yaml
+from authz.mesh.sidecar import RequestBody, SidecarConfigError, SidecarSpec, render, to_yaml
 
 pytestmark = pytest.mark.envoy
 
 EXAMPLE = Path(sidecar.__file__).parent / "examples" / "envoy-sidecar.yaml"
+EXAMPLE_HTTP = Path(sidecar.__file__).parent / "examples" / "envoy-sidecar-http.yaml"
+# The shipped envoyExtAuthzHttp registration (deploy/istio/), as the generator renders it.
+HTTP_SPEC = SidecarSpec(protocol="http", service_port=8000, endpoints=(("127.0.0.1", 8000),),
+                        path_prefix="/check")
 
 
 def _filters(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -161,11 +165,106 @@ def test_bad_parameters_are_refused_with_a_reason(options: dict[str, Any], messa
 def test_committed_example_is_current() -> None:
     # Regenerate with: python -m authz.mesh.sidecar --out authz/mesh/examples/envoy-sidecar.yaml
     assert EXAMPLE.read_text() == to_yaml(SidecarSpec()), "example is stale: regenerate it"
+    # python -m authz.mesh.sidecar --protocol http --service-port 8000 --path-prefix /check \
+    #     --out authz/mesh/examples/envoy-sidecar-http.yaml
+    assert EXAMPLE_HTTP.read_text() == to_yaml(HTTP_SPEC), "HTTP example is stale: regenerate"
+
+
+def _matchers(*patterns: tuple[str, str]) -> dict[str, Any]:
+    return {"patterns": [{kind: value, "ignore_case": True} for kind, value in patterns]}
+
+
+def test_http_provider_is_istios_http_service() -> None:
+    config = render(HTTP_SPEC)
+    ext = _filters(config)[1]["typed_config"]
+    assert "grpc_service" not in ext
+    assert ext["transport_api_version"] == "V3"
+    assert ext["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert ext["filter_enabled_metadata"]["value"] == {"string_match": {"prefix":
+                                                                        "istio-ext-authz"}}
+    service = ext["http_service"]
+    assert service["server_uri"] == {
+        "uri": "http://rate-limiter.authz.svc.cluster.local",
+        "cluster": "outbound|8000||rate-limiter.authz.svc.cluster.local",
+        "timeout": "0.500s",
+    }
+    assert service["path_prefix"] == "/check"
+    # includeRequestHeadersInCheck: trace headers ("x-b3-*" a prefix); authorization is
+    # Envoy's own default and need not be listed.
+    assert ext["allowed_headers"] == _matchers(("exact", "traceparent"), ("exact", "tracestate"),
+                                               ("exact", "b3"), ("prefix", "x-b3-"))
+    assert "authorization_request" not in service
+    response = service["authorization_response"]
+    assert response["allowed_upstream_headers"] == _matchers(
+        ("exact", "x-auth-subject"), ("exact", "x-auth-issuer"), ("exact", "x-auth-plan"),
+        ("exact", "x-authz-degraded"), ("exact", "x-authz-shadow"))
+    assert response["allowed_client_headers_on_success"] == _matchers(("prefix", "ratelimit"))
+    assert response["allowed_client_headers"] == _matchers(
+        ("exact", "www-authenticate"), ("exact", "retry-after"), ("prefix", "ratelimit"),
+        ("exact", "content-type"), ("exact", "cache-control"))
+    cluster = _cluster(config, "outbound|8000||rate-limiter.authz.svc.cluster.local")
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http_protocol_options" in options["explicit_http_config"]
+
+
+def test_http_provider_in_the_older_istiod_shape() -> None:
+    spec = SidecarSpec(protocol="http", allowed_headers_on_filter=False,
+                       include_additional_headers=(("x-b", "2"), ("x-a", "1")),
+                       request_body=RequestBody(2048, pack_as_bytes=False),
+                       headers_to_upstream_on_allow=("*-suffix",))
+    ext = _filters(render(spec))[1]["typed_config"]
+    assert "allowed_headers" not in ext
+    request = ext["http_service"]["authorization_request"]
+    assert request["allowed_headers"]["patterns"][0] == {"exact": "traceparent",
+                                                         "ignore_case": True}
+    # includeAdditionalHeadersInCheck, sorted by key as istiod sorts them.
+    assert request["headers_to_add"] == [{"key": "x-a", "value": "1"},
+                                         {"key": "x-b", "value": "2"}]
+    assert ext["with_request_body"] == {"max_request_bytes": 2048,
+                                        "allow_partial_message": True}
+    upstream = ext["http_service"]["authorization_response"]["allowed_upstream_headers"]
+    assert upstream == _matchers(("suffix", "-suffix"))
+
+
+def test_http_provider_without_header_lists_has_no_authorization_response() -> None:
+    # istiod builds AuthorizationResponse only when one of the three lists is set.
+    spec = SidecarSpec(protocol="http", headers_to_upstream_on_allow=(),
+                       headers_to_downstream_on_allow=(), headers_to_downstream_on_deny=(),
+                       include_request_headers=())
+    service = _filters(render(spec))[1]["typed_config"]["http_service"]
+    assert "authorization_response" not in service and "authorization_request" not in service
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"protocol": "tcp"}, "protocol"),
+    ({"protocol": "http", "path_prefix": "check"}, "path_prefix"),
+    ({"path_prefix": "/check"}, "path_prefix"),  # gRPC providers have none
+    ({"protocol": "http", "headers_to_upstream_on_allow": ("*",)}, "not a header pattern"),
+    ({"protocol": "http", "request_body": RequestBody(0)}, "max_request_bytes"),
+])
+def test_bad_http_parameters_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(SidecarConfigError, match=message):
+        render(SidecarSpec(**options))
+
+
+@pytest.mark.parametrize("on_filter", [True, False], ids=["newer-istiod", "older-istiod"])
+def test_envoy_validate_accepts_both_http_shapes(envoy_bin: Path, tmp_path: Path,
+                                                 on_filter: bool) -> None:
+    out = tmp_path / "envoy.yaml"
+    sidecar.write(SidecarSpec(protocol="http", allowed_headers_on_filter=on_filter,
+                              path_prefix="/check", request_body=RequestBody(4096),
+                              include_additional_headers=(("x-a", "1"),)), out)
+    result = subprocess.run(
+        [str(envoy_bin), "--mode", "validate", "-c", str(out), "--disable-hot-restart"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 SPECS = {
     "default": SidecarSpec(),
     "fail-open": SidecarSpec(fail_open=True, status_on_error=None),
+    "http": HTTP_SPEC,
     "replicas-decode-slashes": SidecarSpec(
         endpoints=(("127.0.0.1", 9001), ("127.0.0.1", 9002)),
         lb_policy="ROUND_ROBIN",
@@ -225,6 +324,10 @@ def _argv(spec: SidecarSpec) -> list[str]:
         spec.lb_policy,
         "--path-normalization",
         spec.path_normalization,
+        "--protocol",
+        spec.protocol,
+        "--path-prefix",
+        spec.path_prefix,
     ]
     for host, port in spec.endpoints:
         argv += ["--endpoint", f"{host}:{port}"]

@@ -1,4 +1,5 @@
-"""Redis outages as a client sees them through Envoy, and two replicas sharing one Redis."""
+"""Redis outages as a client sees them through Envoy, and two replicas sharing one Redis; with
+the gRPC provider and with the HTTP one."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .harness import (
     Sidecar,
     bearer,
     new_subject,
+    provider_options,
     started,
     wait_for,
 )
@@ -36,10 +38,13 @@ class OutageStack:
     upstream: ModelStandIn
     deny: Sidecar  # in front of a service with store.on_error: deny
     allow: Sidecar  # in front of a service with store.on_error: allow
+    protocol: str
 
 
-@pytest.fixture(scope="module")
-def outage(envoy_bin: Path, work_dir: Path, keys: Keys) -> Iterator[OutageStack]:
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def outage(request: pytest.FixtureRequest, envoy_bin: Path, work_dir: Path,
+           keys: Keys) -> Iterator[OutageStack]:
+    protocol: str = request.param
     redis = Redis(work_dir)
     # The production store bound (50 ms) and check timeout (500 ms): the hung-Redis test
     # shows the first answers well inside the second.
@@ -47,28 +52,31 @@ def outage(envoy_bin: Path, work_dir: Path, keys: Keys) -> Iterator[OutageStack]
         work_dir,
         keys,
         ServiceOptions(redis_url=redis.url, on_error="deny", store_timeout="50ms"),
-        "authz-deny",
+        f"authz-deny-{protocol}",
     )
     allow_service = AuthzService(
         work_dir,
         keys,
         ServiceOptions(redis_url=redis.url, on_error="allow", store_timeout="50ms"),
-        "authz-allow",
+        f"authz-allow-{protocol}",
     )
     upstream = ModelStandIn()
     deny = Sidecar(
         envoy_bin,
         work_dir,
         upstream,
-        [("127.0.0.1", deny_service.port)],
-        name="envoy-deny",
+        [deny_service.endpoint(protocol)],
+        name=f"envoy-deny-{protocol}",
         timeout=0.5,
+        status_on_error=503,
+        **provider_options(protocol),
     )
     allow = Sidecar(
-        envoy_bin, work_dir, upstream, [("127.0.0.1", allow_service.port)], name="envoy-allow"
+        envoy_bin, work_dir, upstream, [allow_service.endpoint(protocol)],
+        name=f"envoy-allow-{protocol}", **provider_options(protocol),
     )
     with started(redis, deny_service, allow_service, upstream, deny, allow):
-        yield OutageStack(keys, redis, upstream, deny, allow)
+        yield OutageStack(keys, redis, upstream, deny, allow, protocol)
 
 
 def _degraded_headers(upstream: ModelStandIn, sub: str) -> list[str]:
@@ -87,13 +95,20 @@ def test_redis_down_follows_the_configured_backend_error_policy(outage: OutageSt
 
     outage.redis.stop()
     try:
-        # on_error: deny -> the SERVICE's 503 (JSON body, Retry-After), not Envoy's error path
-        # (which would be an empty body: the check itself succeeded).
         denied = outage.deny.request(PREDICT, headers=headers)
         assert denied.status == 503, denied
-        assert denied.headers.get("retry-after") == "1"
-        assert isinstance(denied.json(), dict)
-        assert outage.deny.ext_authz_stats().get("error", 0) == 0
+        if outage.protocol == "grpc":
+            # on_error: deny -> the SERVICE's 503 (JSON body, Retry-After), not Envoy's error
+            # path (which would be an empty body: the check itself succeeded).
+            assert denied.headers.get("retry-after") == "1"
+            assert isinstance(denied.json(), dict)
+            assert outage.deny.ext_authz_stats().get("error", 0) == 0
+        else:
+            # Over HTTP every 5xx answer is an error to Envoy: the client gets statusOnError
+            # (503 in the shipped registration), empty, without the service's Retry-After or
+            # body; under failOpen it would pass (test_http_provider shows it).
+            assert denied.body == b"" and "retry-after" not in denied.headers
+            assert outage.deny.ext_authz_stats().get("error", 0) >= 1
         # on_error: allow -> through to the model, marked degraded, identity still set.
         allowed = outage.allow.request(PREDICT, headers=headers)
         assert allowed.status == 200, allowed
@@ -118,17 +133,22 @@ def test_a_hung_redis_costs_the_store_timeout_not_envoys(outage: OutageStack) ->
     finally:
         outage.redis.proc.signal(signal.SIGCONT)
     assert denied.status == 503, denied
-    # The service's own answer (JSON body) within its 50 ms store bound, well inside Envoy's
-    # 500 ms check timeout: the client never sees Envoy's empty error reply.
-    assert isinstance(denied.json(), dict)
+    # The service's own answer within its 50 ms store bound, well inside Envoy's 500 ms check
+    # timeout: over gRPC the client gets that answer (JSON body) rather than Envoy's empty
+    # error reply; over HTTP the 503 is Envoy's error reply either way, but a prompt one.
+    if outage.protocol == "grpc":
+        assert isinstance(denied.json(), dict)
     assert denied.elapsed < 0.5
 
 
-@pytest.fixture(scope="module")
-def replicas(envoy_bin: Path, work_dir: Path, keys: Keys) -> Iterator[tuple[Keys, Sidecar]]:
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def replicas(request: pytest.FixtureRequest, envoy_bin: Path, work_dir: Path,
+             keys: Keys) -> Iterator[tuple[Keys, Sidecar]]:
+    protocol: str = request.param
     redis = Redis(work_dir)
     services = [
-        AuthzService(work_dir, keys, ServiceOptions(redis_url=redis.url), f"authz-replica-{i}")
+        AuthzService(work_dir, keys, ServiceOptions(redis_url=redis.url),
+                     f"authz-replica-{protocol}-{i}")
         for i in (1, 2)
     ]
     upstream = ModelStandIn()
@@ -136,10 +156,11 @@ def replicas(envoy_bin: Path, work_dir: Path, keys: Keys) -> Iterator[tuple[Keys
         envoy_bin,
         work_dir,
         upstream,
-        [("127.0.0.1", s.port) for s in services],
-        name="envoy-replicas",
+        [s.endpoint(protocol) for s in services],
+        name=f"envoy-replicas-{protocol}",
         # Deterministic alternation, so both replicas are certainly used.
         lb_policy="ROUND_ROBIN",
+        **provider_options(protocol),
     )
     with started(redis, *services, upstream, sidecar):
         yield keys, sidecar

@@ -1,7 +1,8 @@
-"""The service as Envoy's ext_authz provider, over HTTP, configured as an Istio sidecar would be.
+"""The service as Envoy's ext_authz provider, configured as an Istio sidecar would be, once per
+protocol: every test runs with the gRPC provider and again with the HTTP one.
 
-client --HTTP/1.1--> Envoy (RBAC shadow + ext_authz, generated config) --gRPC--> authz serve
-                        \\--> model stand-in (echoes what it received)
+client --HTTP/1.1--> Envoy (RBAC shadow + ext_authz, generated config) --gRPC or HTTP--> authz
+                        \\--> model stand-in (echoes what it received)                  serve
 authz serve keeps its buckets in a real redis-server.
 """
 
@@ -29,6 +30,7 @@ from .harness import (
     Sidecar,
     bearer,
     new_subject,
+    provider_options,
     started,
 )
 
@@ -44,6 +46,7 @@ class Stack:
     upstream: ModelStandIn
     sidecar: Sidecar
     service: AuthzService
+    protocol: str
 
     def send(
         self,
@@ -70,16 +73,20 @@ class Stack:
         return None
 
 
-@pytest.fixture(scope="module")
-def stack(envoy_bin: Path, work_dir: Path, keys: Keys) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def stack(request: pytest.FixtureRequest, envoy_bin: Path, work_dir: Path,
+          keys: Keys) -> Iterator[Stack]:
+    protocol: str = request.param
     redis = Redis(work_dir)
-    service = AuthzService(work_dir, keys, ServiceOptions(redis_url=redis.url), "authz")
+    service = AuthzService(work_dir, keys, ServiceOptions(redis_url=redis.url),
+                           f"authz-{protocol}")
     upstream = ModelStandIn()
     sidecar = Sidecar(
-        envoy_bin, work_dir, upstream, [("127.0.0.1", service.port)], status_on_error=503
+        envoy_bin, work_dir, upstream, [service.endpoint(protocol)], name=f"envoy-{protocol}",
+        status_on_error=503, **provider_options(protocol),
     )
     with started(redis, service, upstream, sidecar):
-        yield Stack(keys, upstream, sidecar, service)
+        yield Stack(keys, upstream, sidecar, service, protocol)
 
 
 def _checks(stack: Stack) -> tuple[int, dict[str, int]]:
@@ -267,9 +274,10 @@ def test_double_and_escaped_slashes_skip_the_gate_unless_normalized(
         envoy_bin,
         work_dir,
         stack.upstream,
-        [("127.0.0.1", stack.service.port)],
+        [stack.service.endpoint(stack.protocol)],
         name=name,
         path_normalization="DECODE_AND_MERGE_SLASHES",
+        **provider_options(stack.protocol),
     )
     with started(normalizing):
         assert normalizing.request(path).status == 401

@@ -235,3 +235,36 @@ async def test_shadow_mode_is_switched_by_a_reload(tmp_path: Path, issuer: TestI
             assert (await answer())[0] == 429
     finally:
         await server.stop()
+
+
+async def test_cached_identities_keep_what_the_quota_reads_across_reloads(
+        tmp_path: Path, issuer: TestIssuer) -> None:
+    """Cached identities keep only the claims the quota reads; a reload that reads another
+    claim empties the token cache, and the next checks use the new claim."""
+    two_plans = ("plan_claim: {claim}\ndefault_plan: free\nplans:\n"
+                 "  free: {{limits: [{{name: s, rate: 100}}], models: {{a: {{}}}}}}\n"
+                 "  pro: {{limits: [{{name: s, rate: 100}}]}}\n")
+    quota = tmp_path / "quota.yaml"
+    server = await in_process(quota, two_plans.format(claim="plan"), issuer)
+    auth = server.components.authenticator
+    token = issuer.mint("claims", plan="free", tier="pro", email="e@x")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.AuthorizationStub(ch)
+
+            async def allows_b() -> bool:
+                r = await stub.Check(check_request(token, "/v1/models/b:predict"), timeout=5)
+                return bool(r.status.code == 0)
+
+            assert auth.retained_claims == frozenset({"plan"})
+            assert not await allows_b()  # plan=free: model b is not in it
+            [identity] = auth._cache.values()
+            assert dict(identity.claims) == {"plan": "free"}
+            quota.write_text(two_plans.format(claim="tier"))
+            assert await server.reload_quota()
+            assert auth.retained_claims == frozenset({"tier"}) and auth.cache_size == 0
+            assert await allows_b()  # tier=pro now decides
+            [identity] = auth._cache.values()
+            assert dict(identity.claims) == {"tier": "pro"}
+    finally:
+        await server.stop()

@@ -29,6 +29,10 @@ def test_parse_h2load_output() -> None:
     assert (r.total, r.done, r.succeeded, r.failed, r.errored) == (857, 857, 857, 0, 0)
     assert r.data_bytes_per_request == pytest.approx(5999 / 857)
     assert parse_output(H2LOAD_OUTPUT.replace("505.81ms", "5.00s")).seconds == 5.0
+    # The HTTP rows read each answer's status class (the decision's own status).
+    assert r.status_codes == {"2xx": 857, "3xx": 0, "4xx": 0, "5xx": 0}
+    denied = parse_output(H2LOAD_OUTPUT.replace("857 2xx, 0 3xx, 0 4xx", "800 2xx, 0 3xx, 57 4xx"))
+    assert denied.status_codes["4xx"] == 57
 
 
 def test_parse_h2load_garbage_is_an_error() -> None:

@@ -43,7 +43,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     summary = data["summary"]
     assert set(summary) == {"floor", "io-floor", "full-redis", "naive", "full-memory",
                             "full-notel", "full-otel", "full-otel-1pct", "full-cluster",
-                            "full-body", "full-body-unused"}
+                            "full-body", "full-body-unused", "http-floor", "full-http-redis",
+                            "full-http-memory"}
     for name, s in summary.items():
         assert s["rps"] > 0, name
         assert s["light_p99_ms"] > 0, name
@@ -67,6 +68,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert rss["outcomes"].get("allow", 0) > 0 and rss["outcomes"].get("429", 0) > 0
     assert 0 < rss["rss_mb_peak"] < 1024
     assert "full/floor" in data["ratios"] and "full/naive" in data["ratios"]
+    assert "full-http-redis/floor" in data["ratios"]
+    assert "light p99 full-http-redis/floor" in data["ratios"]
 
 
 def read_stats(prefix: Path) -> dict[str, tuple[int, int]]:
@@ -96,8 +99,20 @@ def test_locust_grpc_scenario(tmp_path: Path) -> None:
     assert not [n for n in stats if "grpc" in n or n.startswith("Check 5")], stats
 
 
+def test_locust_http_scenario(tmp_path: Path) -> None:
+    with running_stack(tmp_path / "world", tmp_path, envoy=False) as stack:
+        proc = locust("loadtests/locust_http.py", tmp_path / "http",
+                      ["--world", str(stack.world.root), "--host", stack.check_url])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = read_stats(tmp_path / "http")
+    assert {"Check allow", "Check 401", "Check 429"} <= set(stats), stats
+    assert all(failures == 0 for _, failures in stats.values()), stats
+    assert not [n for n in stats if n.startswith("Check 5")], stats
+
+
 @pytest.mark.envoy
-def test_locust_envoy_scenario(tmp_path: Path) -> None:
+@pytest.mark.parametrize("provider", ["grpc", "http"])
+def test_locust_envoy_scenario(tmp_path: Path, provider: str) -> None:
     from authz.errors import EnvoyNotFound
     from authz.mesh.envoy_binary import find_envoy
 
@@ -105,7 +120,7 @@ def test_locust_envoy_scenario(tmp_path: Path) -> None:
         find_envoy()
     except EnvoyNotFound as e:
         pytest.skip(str(e))
-    with running_stack(tmp_path / "world", tmp_path, envoy=True) as stack:
+    with running_stack(tmp_path / "world", tmp_path, envoy=True, provider=provider) as stack:
         assert stack.http_url is not None
         proc = locust("loadtests/locust_envoy.py", tmp_path / "envoy",
                       ["--world", str(stack.world.root), "--host", stack.http_url])

@@ -98,3 +98,45 @@ async def test_cached_identity_is_per_token(auth: Authenticator, keys: Keys) -> 
 )
 def test_fast_path_never_raises(auth: Authenticator, header: str | None) -> None:
     assert auth.authenticate_cached(header) is None
+
+
+# -- retained claims: what a cached identity keeps ----------------------------------------------
+
+async def test_all_claims_are_kept_by_default(auth: Authenticator, keys: Keys) -> None:
+    identity = await auth.authenticate(bearer(sign(keys.rsa_a, claims(plan="pro", email="e"))))
+    assert isinstance(identity, Identity)
+    assert auth.retained_claims is None
+    assert identity.claims["email"] == "e" and identity.claims["plan"] == "pro"
+
+
+async def test_retained_claims_keep_only_those_and_share_equal_ones(
+        auth: Authenticator, keys: Keys) -> None:
+    auth.retained_claims = frozenset({"plan", "team"})
+    a = await auth.authenticate(bearer(sign(keys.rsa_a, claims(sub="a", plan="pro", jti="1",
+                                                               email="a@x"))))
+    b = await auth.authenticate(bearer(sign(keys.rsa_a, claims(sub="b", plan="pro", jti="2"))))
+    c = await auth.authenticate(bearer(sign(keys.rsa_a, claims(sub="c", plan="free"))))
+    d = await auth.authenticate(bearer(sign(keys.rsa_a, claims(sub="d", plan="pro",
+                                                               team=["x", "y"]))))
+    assert isinstance(a, Identity) and isinstance(b, Identity)
+    assert isinstance(c, Identity) and isinstance(d, Identity)
+    assert dict(a.claims) == {"plan": "pro"} and a.subject == "a"
+    assert a.claims is b.claims  # one mapping for every caller with the same kept claims
+    assert dict(c.claims) == {"plan": "free"} and c.claims is not a.claims
+    assert dict(d.claims) == {"plan": "pro", "team": ["x", "y"]}  # unhashable: its own copy
+    with pytest.raises(TypeError):
+        a.claims["plan"] = "enterprise"  # type: ignore[index]
+
+
+async def test_changing_the_retained_claims_empties_the_cache(auth: Authenticator,
+                                                              keys: Keys) -> None:
+    header = bearer(sign(keys.rsa_a, claims(plan="pro", tier="gold")))
+    auth.retained_claims = frozenset({"plan"})
+    first = await auth.authenticate(header)
+    assert isinstance(first, Identity) and auth.cache_size == 1
+    auth.retained_claims = frozenset({"plan"})  # the same set: nothing happens
+    assert auth.authenticate_cached(header) is first
+    auth.retained_claims = frozenset({"tier"})  # a new quota reads another claim
+    assert auth.cache_size == 0 and auth.authenticate_cached(header) is None
+    again = await auth.authenticate(header)
+    assert isinstance(again, Identity) and dict(again.claims) == {"tier": "gold"}

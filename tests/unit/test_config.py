@@ -30,6 +30,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
 def test_no_file_gives_defaults() -> None:
     s = load_settings(None, env={})
     assert s.server.grpc_port == 9000
+    assert s.server.http_port == 0 and s.server.http_path_prefix == ""  # HTTP edge off
     assert s.auth.audience == "ml-inference-api"
     assert s.store.redis_url == ""
 
@@ -137,3 +138,37 @@ def test_subject_salt_from_the_environment(tmp_path: Path) -> None:
     f.write_text("telemetry: {subject_salt: from-file}")
     assert load_settings(f, env={}).telemetry.subject_salt == "from-file"
     assert load_settings(f, env={"AUTHZ_SUBJECT_SALT": "s3cret"}).telemetry.subject_salt == "s3cret"
+
+
+def test_http_edge_keys(tmp_path: Path) -> None:
+    s = parse("server: {http_port: 8000, http_path_prefix: /check}", tmp_path)
+    assert s.server.http_port == 8000 and s.server.http_path_prefix == "/check"
+    assert parse("server: {http_path_prefix: /a/b-c_d.e~}", tmp_path).server.http_path_prefix \
+        == "/a/b-c_d.e~"
+
+
+@pytest.mark.parametrize(("server", "message"), [
+    ("{http_port: 9000}", "server.http_port: must differ from grpc_port"),
+    ("{http_port: 9464}", "server.http_port: must differ from metrics_port"),
+    ("{http_path_prefix: check}", "server.http_path_prefix: expected a path starting with '/'"),
+    ("{http_path_prefix: '/check?x=1'}", "server.http_path_prefix: expected at most 256"),
+    ("{http_path_prefix: '/a%2Fb'}", "server.http_path_prefix: expected at most 256"),
+    ("{http_path_prefix: '/a b'}", "server.http_path_prefix: expected at most 256"),
+    ("{http_path_prefix: '/x#y'}", "server.http_path_prefix: expected at most 256"),
+    ("{http_path_prefix: '/" + "a" * 256 + "'}", "server.http_path_prefix: expected at most 256"),
+    ("{http_path_prefix: 7}", "server.http_path_prefix: expected a string"),
+])
+def test_http_edge_keys_refused(tmp_path: Path, server: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(f"server: {server}", tmp_path)
+    assert message in str(e.value), str(e.value)
+
+
+def test_command_line_ports_are_checked_too(tmp_path: Path) -> None:
+    from authz.service_config import load_service_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("auth: {issuers: [{issuer: 'https://i', jwks_url: 'https://i/k'}]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_service_config(f, env={}, server={"http_port": 9000})
+    assert "server.http_port: must differ from grpc_port" in str(e.value)

@@ -20,6 +20,7 @@ from authz.quota.loader import MAX_COST, MAX_LIMITS_PER_REQUEST, MAX_TIME_TO_FUL
 SERVICE_BOUNDS = [
     ("server.grpc_port", [0, 65535], [-1, 65536, 10**400]),
     ("server.metrics_port", [0, 65535], [-1, 65536]),
+    ("server.http_port", [0, 65535], [-1, 65536, 10**400]),
     ("server.workers", [0, 256], [-1, 257]),
     ("server.drain_delay", [0, "300s"], ["301s", "-1s", 1e300]),
     ("server.shutdown_grace", ["1ms", "600s"], [0, "601s", "1us"]),

@@ -58,18 +58,30 @@ def provider_names() -> list[str]:
     return sorted(names)
 
 
+# The two registrations of the one service: the gRPC provider (what the CUSTOM policy names by
+# default) and the HTTP one (components/http-provider switches the policy to it).
+GRPC_PROVIDER = "rate-limiter"
+HTTP_PROVIDER = "rate-limiter-http"
+
+
+def provider(name: str) -> dict[str, Any]:
+    """A provider entry of the registration (IstioOperator form) by name."""
+    [found] = [p for p in registrations()["IstioOperator"] if p["name"] == name]
+    return found
+
+
 def view(docs: Sequence[Doc]) -> AuthzView:
     settings, _ = settings_and_quota(docs)
     [issuer] = settings.auth.issuers
-    [provider] = registrations()["IstioOperator"]
-    host = provider["envoyExtAuthzGrpc"]["service"]
+    registered = provider(GRPC_PROVIDER)
+    host = registered["envoyExtAuthzGrpc"]["service"]
     return AuthzView(
         protected_prefixes=settings.paths.protected_prefixes,
         public_paths=settings.paths.public_paths,
         issuer=issuer.issuer,
         jwks_url=issuer.jwks_url,
         audience=settings.auth.audience,
-        provider=provider["name"],
+        provider=registered["name"],
         provider_host=host,
         provider_namespace=host.split(".")[1],
         workload_namespace=WORKLOAD_NAMESPACE,

@@ -60,6 +60,23 @@ def render(target: str | Path) -> list[Doc]:
     return load_docs(_render_cached(str(path)), str(path))
 
 
+def render_with_components(overlay: str, components: Iterable[str]) -> list[Doc]:
+    """An overlay with more components (names under deploy/components), as a user adds them to
+    the overlay's `components:`: rendered from a kustomization in a temporary directory."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def rel(path: Path) -> str:  # kustomize refuses absolute paths
+            return os.path.relpath(path, tmp)
+
+        lines = ["apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
+                 "resources:", f"  - {rel(DEPLOY / 'overlays' / overlay)}", "components:"]
+        lines += [f"  - {rel(DEPLOY / 'components' / c)}" for c in components]
+        (Path(tmp) / "kustomization.yaml").write_text("\n".join(lines) + "\n")
+        return load_docs(kustomize(Path(tmp)), f"{overlay} + {', '.join(components)}")
+
+
 def find(docs: Iterable[Doc], kind: str, name: str | None = None,
          namespace: str | None = None) -> list[Doc]:
     out = []

@@ -1,6 +1,9 @@
-"""Check over real gRPC: a real grpc.aio server, a real client, real redis-server processes.
+"""Checks over both edges: a real server with its gRPC and HTTP edges, real clients (grpc.aio;
+raw HTTP/1.1 requests shaped like Envoy's check requests), real redis-server processes.
 
-The same behaviour tests run against both bucket stores.
+Every behaviour test, the hostile-input ones included, runs on each edge against both bucket
+stores, and reads the answer through one shape (`Answer`): what reaches the model server, what
+is removed from the request, what reaches the client, the status and the body.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,10 @@ from authz.config.service_file import parse_settings
 from authz.config.settings import Settings
 from authz.quota import parse_quota
 from authz.server.app import Server
+from authz.server.http_answers import REMOVE_HEADER
+from tests.support.http_check import HttpCheckClient, Response
 from tests.support.issuer import TestIssuer
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 
 QUOTA = {
     "plan_claim": "plan",
@@ -67,56 +73,120 @@ def other_issuer(tmp_path_factory: pytest.TempPathFactory) -> TestIssuer:
     return TestIssuer(tmp_path_factory.mktemp("idp2"), name="https://other.test", kid="o1")
 
 
+# The HTTP edge's check requests carry the provider's pathPrefix (the shipped registration's).
+PREFIX = "/check"
+IDENTITY = {"x-auth-subject", "x-auth-issuer", "x-auth-plan", "x-authz-degraded", "x-authz-shadow"}
+
+
 def make_settings(issuers: list[TestIssuer], redis_url: str = "", **store: Any) -> Settings:
     return parse_settings({
-        "server": {"grpc_port": 0, "metrics_port": 0, "drain_delay": 0, "host": "127.0.0.1"},
+        "server": {"grpc_port": 0, "http_port": free_port(), "http_path_prefix": PREFIX,
+                   "metrics_port": 0, "drain_delay": 0, "host": "127.0.0.1"},
         "auth": {"issuers": [i.settings() for i in issuers]},
         "store": {"redis_url": redis_url, "timeout": "200ms", **store},
     }, "test")
 
 
+@dataclass
+class Answer:
+    """One check's answer, whichever edge gave it."""
+
+    status: int
+    upstream: dict[str, str]  # allow: set on the request to the model server
+    remove: list[str]  # allow: removed from that request
+    client: dict[str, str]  # headers for the client (allow: RateLimit; deny: the denial's)
+    body: str  # deny: the JSON body
+    raw: Any  # the CheckResponse or the HTTP Response
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+def grpc_answer(resp: pb.CheckResponse) -> Answer:
+    if resp.status.code == 0:
+        ok = resp.ok_response
+        return Answer(200, {h.header.key: h.header.value for h in ok.headers},
+                      list(ok.headers_to_remove),
+                      {h.header.key: h.header.value for h in ok.response_headers_to_add}, "",
+                      resp)
+    denied = resp.denied_response
+    return Answer(denied.status.code, {}, [],
+                  {h.header.key: h.header.value for h in denied.headers}, denied.body, resp)
+
+
+def http_answer(resp: Response) -> Answer:
+    # Which of the answer's headers reach the model server is the registration's choice
+    # (headersToUpstreamOnAllow): the identity headers do, the rest go to the client.
+    headers = dict(resp.headers)
+    remove = headers.pop(REMOVE_HEADER, "")
+    headers.pop("content-length", None)
+    headers.pop("connection", None)
+    upstream = {k: v for k, v in headers.items() if k in IDENTITY} if resp.status == 200 else {}
+    client = {k: v for k, v in headers.items() if k not in upstream}
+    return Answer(resp.status, upstream, remove.split(",") if remove else [], client,
+                  resp.body.decode(), resp)
+
+
 class Client:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    """Checks over one edge: "grpc" (a CheckRequest as Envoy fills it) or "http" (the check
+    request Envoy's HTTP client sends)."""
+
+    def __init__(self, edge: str, channel: grpc.aio.Channel, http_port: int) -> None:
+        self.edge = edge
         self.stub = pb_grpc.AuthorizationStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
+        self.http = HttpCheckClient(http_port, PREFIX)
 
     async def check(self, path: str = "/v1/models/iris:predict", token: str | None = None,
-                    headers: dict[str, str] | None = None) -> pb.CheckResponse:
+                    headers: dict[str, str] | None = None) -> Answer:
+        h: dict[str, str] = {}
+        if token is not None:
+            h["authorization"] = f"Bearer {token}"
+        h.update(headers or {})
+        if self.edge == "http":
+            return http_answer(await self.http.check(path, method="POST", headers=h))
         req = pb.CheckRequest()
         http = req.attributes.request.http
         http.path = path
         http.method = "POST"
-        h = {":path": path, ":method": "POST", ":authority": "models"}
-        if token is not None:
-            h["authorization"] = f"Bearer {token}"
-        h.update(headers or {})
-        http.headers.update(h)
-        return await self.stub.Check(req, timeout=5)
+        http.headers.update({":path": path, ":method": "POST", ":authority": "models", **h})
+        return grpc_answer(await self.stub.Check(req, timeout=5))
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["grpc-memory", "grpc-redis", "http-memory", "http-redis"])
 async def service(request: pytest.FixtureRequest, issuer: TestIssuer, other_issuer: TestIssuer,
                   redis_server: RedisServer) -> AsyncIterator[tuple[Client, Server]]:
-    url = redis_server.url if request.param == "redis" else ""
+    edge, store = request.param.split("-")
+    url = redis_server.url if store == "redis" else ""
     if url:
         redis_server.client().flushall()
     server = Server(make_settings([issuer, other_issuer], url), parse_quota(QUOTA, "quota"))
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield Client(channel), server
+        client = Client(edge, channel, server.http_port)
+        yield client, server
+        await client.http.close()
     await server.stop()
 
 
-def status(resp: pb.CheckResponse) -> int:
-    return 200 if resp.status.code == 0 else resp.denied_response.status.code
+@pytest.fixture
+async def grpc_service(service: tuple[Client, Server]) -> tuple[Client, Server]:
+    """The gRPC edge only: what is about the CheckRequest message itself."""
+    if service[0].edge != "grpc":
+        pytest.skip("about the gRPC CheckRequest")
+    return service
 
 
-def deny_headers(resp: pb.CheckResponse) -> dict[str, str]:
-    return {h.header.key: h.header.value for h in resp.denied_response.headers}
+def status(resp: Answer) -> int:
+    return resp.status
 
 
-def body(resp: pb.CheckResponse) -> dict[str, Any]:
-    return json.loads(resp.denied_response.body)  # type: ignore[no-any-return]
+def deny_headers(resp: Answer) -> dict[str, str]:
+    return resp.client
+
+
+def body(resp: Answer) -> dict[str, Any]:
+    return resp.json()
 
 
 async def test_health_serving(service: tuple[Client, Server]) -> None:
@@ -132,16 +202,16 @@ async def test_allowed_with_identity_and_ratelimit_headers(
     resp = await client.check(token=issuer.mint("alice"),
                               headers={"x-auth-subject": "forged", "x-authz-degraded": "x"})
     assert status(resp) == 200
-    upstream = {h.header.key: (h.header.value, h.append.value) for h in resp.ok_response.headers}
-    # set with append=false: Envoy overwrites the client's forged copy
-    assert upstream["x-auth-subject"] == ("alice", False)
-    assert upstream["x-auth-plan"] == ("free", False)
-    assert upstream["x-auth-issuer"] == ("https://idp.test", False)
-    assert "x-authz-degraded" in resp.ok_response.headers_to_remove
-    client_headers = {h.header.key: h.header.value
-                      for h in resp.ok_response.response_headers_to_add}
-    assert client_headers == {"ratelimit-limit": "5", "ratelimit-remaining": "4",
-                              "ratelimit-reset": "12"}
+    assert resp.upstream == {"x-auth-subject": "alice", "x-auth-plan": "free",
+                             "x-auth-issuer": "https://idp.test"}
+    if client.edge == "grpc":
+        # set with append=false: Envoy overwrites the client's forged copy (the HTTP edge's
+        # headers are always set: allowed_upstream_headers overwrite)
+        assert all(not h.append.value for h in resp.raw.ok_response.headers)
+    # the header it does not set is removed, and only that one (Envoy removes after setting)
+    assert resp.remove == ["x-authz-degraded", "x-authz-shadow"]
+    assert resp.client == {"ratelimit-limit": "5", "ratelimit-remaining": "4",
+                           "ratelimit-reset": "12"}
 
 
 async def test_burst_then_429_with_retry_after(service: tuple[Client, Server],
@@ -165,8 +235,7 @@ async def test_cost_per_model_and_query_ignored(service: tuple[Client, Server],
     assert status(await client.check("/v2/models/llama-7b/versions/2/infer", token)) == 200
     resp = await client.check("/v1/models/iris:predict?other=2", token)  # 1 -> 0
     assert status(resp) == 200
-    assert {h.header.key: h.header.value for h in resp.ok_response.response_headers_to_add}[
-        "ratelimit-remaining"] == "0"
+    assert resp.client["ratelimit-remaining"] == "0"
     assert status(await client.check("/v1/models/iris:predict", token)) == 429
 
 
@@ -183,9 +252,10 @@ async def test_forbidden_model_and_blocked(service: tuple[Client, Server],
 async def test_public_and_other_paths(service: tuple[Client, Server]) -> None:
     client, _ = service
     for path in ("/health", "/ready", "/v2/health/ready"):
-        resp = await client.check(path)
+        resp = await client.check(path, headers={"x-auth-subject": "forged"})
         assert status(resp) == 200
-        assert "x-auth-subject" in resp.ok_response.headers_to_remove
+        assert resp.upstream == {}
+        assert set(resp.remove) == IDENTITY
     resp = await client.check("/admin")
     assert status(resp) == 403 and body(resp)["reason"] == "path_not_covered"
 
@@ -256,10 +326,15 @@ async def test_bad_input_is_a_clean_401(service: tuple[Client, Server], issuer: 
     client, _ = service
     for name, case in bad_inputs(issuer, other_issuer).items():
         resp = await client.check(token=case.get("token"), headers=case.get("headers"))
+        if client.edge == "http" and name == "1MB token":
+            # Past the HTTP edge's bound on a request's head (80 KiB; Envoy itself refuses
+            # more than 60 KiB of headers): refused before any token rule runs.
+            assert status(resp) == 431 and body(resp)["reason"] == "request_headers_too_large"
+            continue
         assert status(resp) == 401, name
         assert deny_headers(resp)["www-authenticate"].startswith("Bearer "), name
         assert "reason" in body(resp), name
-        assert "zed" not in resp.denied_response.body, name  # never echoes the token
+        assert "zed" not in resp.body, name  # never echoes the token
 
 
 @pytest.mark.parametrize("path", ["/v1/models/../../admin", "/v1//models/iris:predict",
@@ -273,21 +348,21 @@ async def test_bad_paths_are_a_clean_400(service: tuple[Client, Server], issuer:
     assert body(resp)["error"] == "invalid_request"
 
 
-async def test_no_http_attributes(service: tuple[Client, Server]) -> None:
-    client, _ = service
-    resp = await client.stub.Check(pb.CheckRequest(), timeout=5)
+async def test_no_http_attributes(grpc_service: tuple[Client, Server]) -> None:
+    client, _ = grpc_service
+    resp = grpc_answer(await client.stub.Check(pb.CheckRequest(), timeout=5))
     assert status(resp) == 400 and body(resp)["reason"] == "missing_http_attributes"
 
 
-async def test_raw_header_map(service: tuple[Client, Server], issuer: TestIssuer) -> None:
+async def test_raw_header_map(grpc_service: tuple[Client, Server], issuer: TestIssuer) -> None:
     """Envoy with encode_raw_headers sends header_map with raw bytes instead of headers."""
-    client, _ = service
+    client, _ = grpc_service
     req = pb.CheckRequest()
     http = req.attributes.request.http
     http.path = "/v1/models/iris:predict"
     for k, v in ((":path", http.path), ("authorization", f"Bearer {issuer.mint('raw')}")):
         http.header_map.headers.add(key=k, raw_value=v.encode())
-    resp = await client.stub.Check(req, timeout=5)
+    resp = grpc_answer(await client.stub.Check(req, timeout=5))
     assert status(resp) == 200
 
 
@@ -340,7 +415,8 @@ async def test_concurrent_checks_admit_exactly_burst_plus_rate_times_elapsed(
     assert low <= admitted <= high, (low, admitted, high)
 
 
-async def test_internal_error_is_an_explicit_answer(issuer: TestIssuer) -> None:
+@pytest.mark.parametrize("edge", ["grpc", "http"])
+async def test_internal_error_is_an_explicit_answer(issuer: TestIssuer, edge: str) -> None:
     class Broken:
         ready = True
 
@@ -353,21 +429,25 @@ async def test_internal_error_is_an_explicit_answer(issuer: TestIssuer) -> None:
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            resp = await Client(ch).check(token=issuer.mint("gina"))
+            client = Client(edge, ch, server.http_port)
+            resp = await client.check(token=issuer.mint("gina"))
+            await client.http.close()
         assert status(resp) == 500 and body(resp) == {"error": "internal_error"}
     finally:
         await server.stop()
 
 
+@pytest.mark.parametrize("edge", ["grpc", "http"])
 @pytest.mark.parametrize("policy", ["deny", "allow"])
-async def test_redis_down_policy_and_recovery(issuer: TestIssuer, policy: str) -> None:
+async def test_redis_down_policy_and_recovery(issuer: TestIssuer, policy: str,
+                                              edge: str) -> None:
     redis = RedisServer().start()
     server = Server(make_settings([issuer], redis.url, on_error=policy, timeout="100ms"),
                     parse_quota(QUOTA, "q"))
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            client = Client(ch)
+            client = Client(edge, ch, server.http_port)
             token = issuer.mint("hank")
             assert status(await client.check(token=token)) == 200
             redis.stop()
@@ -378,17 +458,16 @@ async def test_redis_down_policy_and_recovery(issuer: TestIssuer, policy: str) -
                 assert status(resp) == 503 and body(resp)["reason"] == "store_unavailable"
             else:
                 assert status(resp) == 200
-                upstream = {h.header.key: h.header.value for h in resp.ok_response.headers}
-                assert upstream["x-authz-degraded"] == "store-unavailable"
+                assert resp.upstream["x-authz-degraded"] == "store-unavailable"
             redis.start()  # same port: the service recovers by itself
             deadline = time.monotonic() + 10
             while True:
                 resp = await client.check(token=issuer.mint("ivy"))
-                if status(resp) == 200 and not any(
-                        h.header.key == "x-authz-degraded" for h in resp.ok_response.headers):
+                if status(resp) == 200 and "x-authz-degraded" not in resp.upstream:
                     break
                 assert time.monotonic() < deadline, "did not recover after Redis came back"
                 await asyncio.sleep(0.2)
+            await client.http.close()
     finally:
         await server.stop()
         redis.stop()

@@ -85,7 +85,10 @@ class CheckPipeline:
             # An OpenAI-compatible route names its model in the body, not the path.
             named = model_of(body)
             if named is None:
-                return answers.invalid_request("body_model_missing"), identity.subject
+                # A cut body is no JSON: say why rather than "no model".
+                reason = ("body_partial" if headers.get(PARTIAL_BODY_HEADER) == "true"
+                          else "body_model_missing")
+                return answers.invalid_request(reason), identity.subject
             if not valid_model_name(named):
                 return answers.invalid_request("invalid_model_name"), identity.subject
             model = named

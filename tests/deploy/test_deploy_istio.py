@@ -54,7 +54,7 @@ def test_every_policy_namespace_has_dns_and_istiod(rendered, readme, overlay: st
 
 def test_custom_policy_uses_a_registered_provider(rendered) -> None:
     names = authzconfig.provider_names()
-    assert names == ["rate-limiter", "rate-limiter-http"]
+    assert names == ["rate-limiter", "rate-limiter-body", "rate-limiter-http"]
     for docs in rendered.values():
         custom = [p for p in render.find(docs, "AuthorizationPolicy")
                   if p["spec"].get("action") == "CUSTOM"]

@@ -1,7 +1,8 @@
 """The mesh registration of the provider: the three forms (IstioOperator, Helm values, istio
 ConfigMap) say the same thing, and it points at the Service the overlays deploy. Two providers
 for the one service: `rate-limiter` (envoyExtAuthzGrpc, what the CUSTOM policy names) and
-`rate-limiter-http` (envoyExtAuthzHttp, the service's HTTP edge; components/http-provider)."""
+`rate-limiter-http` (envoyExtAuthzHttp, the service's HTTP edge; components/http-provider);
+and `rate-limiter-body`, the gRPC one with the request body in the check (components/body-costs)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from fnmatch import fnmatchcase
 
 import pytest
 import yaml
-from deploykit import authzconfig, invariants, render
-from deploykit.authzconfig import GRPC_PROVIDER, HTTP_PROVIDER, REGISTRATION_DIR
+from deploykit import authzconfig, invariants, istio, render
+from deploykit.authzconfig import BODY_PROVIDER, GRPC_PROVIDER, HTTP_PROVIDER, REGISTRATION_DIR
 
 from authz.buckets.store import BucketState, ChargeResult
+from authz.mesh.sidecar import MAX_BUFFERED_BODY
 from authz.decision import Answers
 from authz.quota.resolve import Grant, Refusal
 from authz.tokens.identity import Identity, TokenFailure
@@ -33,7 +35,7 @@ def test_all_registration_forms_are_identical() -> None:
     first = next(iter(forms.values()))
     for name, providers in forms.items():
         assert providers == first, f"{name} differs"
-    assert [p["name"] for p in first] == [GRPC_PROVIDER, HTTP_PROVIDER]
+    assert [p["name"] for p in first] == [GRPC_PROVIDER, HTTP_PROVIDER, BODY_PROVIDER]
 
 
 @pytest.mark.parametrize(("name", "kind", "fields"), [
@@ -156,3 +158,42 @@ def test_registration_files_cannot_clobber_the_mesh_config() -> None:
     for path in REGISTRATION_DIR.glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             assert not (isinstance(doc, dict) and doc.get("kind") == "ConfigMap"), path
+
+
+def test_body_provider_carries_the_body_within_the_connection_buffer() -> None:
+    body = authzconfig.provider(BODY_PROVIDER)
+    grpc = body["envoyExtAuthzGrpc"]
+    # The same service and answer policy as the plain gRPC provider, plus the body.
+    plain = authzconfig.provider(authzconfig.GRPC_PROVIDER)["envoyExtAuthzGrpc"]
+    assert {k: v for k, v in grpc.items() if k != "includeRequestBodyInCheck"} == plain
+    included = grpc["includeRequestBodyInCheck"]
+    # Below the connection manager's 1 MiB buffer (past it Envoy answers 413 before the check),
+    # longer bodies checked cut (the rule's fallback) rather than refused by Envoy, and as bytes
+    # (a binary body would not decode as the text field).
+    assert 0 < included["maxRequestBytes"] < MAX_BUFFERED_BODY
+    assert included["allowPartialMessage"] is True and included["packAsBytes"] is True
+
+
+def test_body_component_switches_the_provider_and_covers_the_llm_routes() -> None:
+    docs = render.render_with_components("dev", ["body-costs"])
+    [custom] = [p for p in render.find(docs, "AuthorizationPolicy")
+                if p["spec"].get("action") == "CUSTOM"]
+    assert custom["spec"]["provider"]["name"] == BODY_PROVIDER
+    view = dataclasses.replace(authzconfig.view(docs), provider=BODY_PROVIDER)
+    problems = invariants.protected_path_problems(docs, view)
+    assert not problems, "\n".join(problems)
+    settings, _ = authzconfig.settings_and_quota(docs)
+    assert settings.paths.llm_routes
+    ns, labels = authzconfig.WORKLOAD_NAMESPACE, authzconfig.WORKLOAD_LABELS
+    token = {"request_principal": f"{view.issuer}/user-1",
+             "claims": {"aud": [view.audience]}}
+    for route in settings.paths.llm_routes:
+        with_token = istio.evaluate(docs, ns, labels, istio.Request("POST", route, **token))
+        assert with_token.allowed and BODY_PROVIDER in with_token.custom_providers, route
+        assert not istio.evaluate(docs, ns, labels, istio.Request("POST", route)).allowed
+    # Without the component the routes are not admitted at all (the config's llm_routes are
+    # then never sent a check).
+    plain = render.render("dev")
+    for route in settings.paths.llm_routes:
+        assert not istio.evaluate(plain, ns, labels,
+                                  istio.Request("POST", route, **token)).allowed, route

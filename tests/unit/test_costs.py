@@ -360,6 +360,13 @@ async def test_chat_without_a_usable_model_is_400(issuer: TestIssuer, body: byte
     assert json.loads(d.body)["reason"] == reason
 
 
+async def test_a_cut_chat_body_is_400_body_partial(issuer: TestIssuer) -> None:
+    p = await pipeline(issuer)
+    cut = js({"model": "llama-3", "messages": [{"role": "user", "content": "x" * 100}]})[:60]
+    d, _ = await p.decide(CHAT, bearer(issuer.mint("cut"), **{PARTIAL_BODY_HEADER: "true"}), cut)
+    assert (d.status, d.reason) == (400, "body_partial")
+
+
 async def test_chat_is_authenticated_before_the_body_is_read(issuer: TestIssuer) -> None:
     p = await pipeline(issuer)
     d, _ = await p.decide(CHAT, {}, b"garbage")

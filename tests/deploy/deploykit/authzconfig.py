@@ -62,6 +62,8 @@ def provider_names() -> list[str]:
 # default) and the HTTP one (components/http-provider switches the policy to it).
 GRPC_PROVIDER = "rate-limiter"
 HTTP_PROVIDER = "rate-limiter-http"
+# The gRPC one with includeRequestBodyInCheck (components/body-costs).
+BODY_PROVIDER = "rate-limiter-body"
 
 
 def provider(name: str) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from deploykit import authzconfig, invariants, istio, render
 from deploykit.authzconfig import BODY_PROVIDER, GRPC_PROVIDER, HTTP_PROVIDER, REGISTRATION_DIR
 
 from authz.buckets.store import BucketState, ChargeResult
-from authz.mesh.sidecar import MAX_BUFFERED_BODY
 from authz.decision import Answers
+from authz.mesh.sidecar import MAX_BUFFERED_BODY
 from authz.quota.resolve import Grant, Refusal
 from authz.tokens.identity import Identity, TokenFailure
 

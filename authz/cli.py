@@ -1,4 +1,4 @@
-"""The `authz` command: serve, check-config, check, demo."""
+"""The `authz` command: serve, check-config, check, quota, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .config.settings import Settings
@@ -40,13 +41,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_config = sub.add_parser("check-config", help="validate a config or quota file")
     check_config.add_argument("file")
 
+    check_text = ("send one Check to a running service, as an Envoy sidecar would, and print "
+                  "the answer: ALLOW with the headers set for the model server and the client, "
+                  "or DENY with its status, headers and body")
     check = sub.add_parser("check", help="send one Check to a running service and print the "
-                                         "answer")
-    check.add_argument("--target", default="127.0.0.1:9000")
-    check.add_argument("--token", default=None)
-    check.add_argument("--path", default="/v1/models/example:predict")
-    check.add_argument("--method", default="POST")
-    check.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+                                         "answer", description=check_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    check.add_argument("--target", default="127.0.0.1:9000",
+                       help="the service's gRPC address, HOST:PORT")
+    check.add_argument("--token", default=os.environ.get("TOKEN"),
+                       help="the bearer token, sent as 'authorization: Bearer TOKEN' "
+                            "(default: $TOKEN; none: the request has no token)")
+    check.add_argument("--path", default="/v1/models/example:predict",
+                       help="the request path, query included")
+    check.add_argument("--method", default="POST", help="the request method")
+    check.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                       help="one more request header (repeatable)")
+    check.add_argument("--body-file", default=None, metavar="FILE",
+                       help="send FILE's bytes as the request body (raw_body, as the "
+                            "rate-limiter-body provider does), for costs read from the body")
     check.add_argument("--repeat", type=int, default=1,
                        help="send it N times in a row, one status line each")
 
@@ -126,6 +139,12 @@ def _serve(args: argparse.Namespace) -> int:
         changes["workers"] = args.workers
     loaded = load_service_config(args.config, env=os.environ, dev=args.dev, server=changes)
     settings, quota = loaded.settings, loaded.quota
+    if args.dev:
+        # A terminal, not a log pipeline: human-readable lines, and no warning about the
+        # subject-hash salt (a random one is exactly right for a throwaway process).
+        settings = dataclasses.replace(settings, telemetry=dataclasses.replace(
+            settings.telemetry, log_format="text",
+            subject_salt=settings.telemetry.subject_salt or os.urandom(16).hex()))
     server = settings.server
     _configure_logging(settings)
 
@@ -210,7 +229,9 @@ def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
 
     try:
         telemetry = Telemetry.from_settings(settings)
-        log_effective_config(settings, telemetry)
+        # In --dev the banner says what matters; the full settings are one DEBUG line away.
+        log_effective_config(settings, telemetry,
+                             level=logging.DEBUG if dev else logging.INFO)
         telemetry.start()
     except (TelemetryConfigError, OSError) as e:
         print(f"authz: telemetry: {e}", file=sys.stderr)
@@ -236,17 +257,18 @@ def _print_dev_banner(signer: Any, port: int) -> None:
         me = os.path.relpath(me) if me.startswith(os.getcwd()) else me
     alice = signer.mint("alice", plan="free")
     bob = signer.mint("bob", plan="pro")
+    target = f"127.0.0.1:{port}"
     print(
         "\n"
-        "  DEVELOPMENT MODE: tokens below are signed by an ephemeral key that exists only in\n"
+        "  DEVELOPMENT MODE: these tokens are signed by an ephemeral key that exists only in\n"
         "  this process. Never use --dev in production.\n\n"
-        f"  Check service listening on 127.0.0.1:{port}\n\n"
-        f"  alice (plan free):  {alice}\n\n"
-        f"  bob   (plan pro):   {bob}\n\n"
-        "  Try it:\n"
-        f"    {me} check --target 127.0.0.1:{port} --token <alice's token>              # 200\n"
-        f"    {me} check --target 127.0.0.1:{port}                                      # 401\n"
-        f"    {me} check --target 127.0.0.1:{port} --token <alice's token> --repeat 15  # 429\n",
+        f"  Check service listening on {target}. In another terminal:\n\n"
+        f"    export ALICE={alice}   # plan free\n"
+        f"    export BOB={bob}   # plan pro\n\n"
+        f"    {me} check --target {target} --token \"$ALICE\"              # 200\n"
+        f"    {me} check --target {target}                               # 401\n"
+        f"    {me} check --target {target} --token \"$ALICE\" --repeat 15  # 429 after the burst\n"
+        f"    {me} check --target {target} --token \"$BOB\" --repeat 15    # pro: all 200\n",
         file=sys.stderr, flush=True,
     )
 
@@ -336,6 +358,15 @@ def _check(args: argparse.Namespace) -> int:
     req = pb.CheckRequest()
     http = req.attributes.request.http
     http.path, http.method, http.host = args.path, args.method, "models.local"
+    if args.body_file:
+        try:
+            http.raw_body = Path(args.body_file).read_bytes()
+        except OSError as e:
+            print(f"authz: --body-file: cannot read {args.body_file}: {e.strerror}",
+                  file=sys.stderr)
+            return 2
+        headers["content-length"] = str(len(http.raw_body))
+        headers["x-envoy-auth-partial-body"] = "false"
     http.headers.update(headers)
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.AuthorizationStub(channel)

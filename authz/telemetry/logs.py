@@ -203,11 +203,15 @@ def masked(value: Any, key: str = "") -> Any:
 
 
 def log_effective_config(
-    settings: Settings, telemetry: Telemetry | None = None, logger: logging.Logger | None = None
+    settings: Settings, telemetry: Telemetry | None = None, logger: logging.Logger | None = None,
+    level: int = logging.INFO,
 ) -> None:
-    """One INFO line with the effective settings (and telemetry setup), secrets masked."""
+    """One line (INFO unless `level` says otherwise) with the effective settings (and
+    telemetry setup), secrets masked."""
     log = logger or logging.getLogger("authz.config")
+    if not log.isEnabledFor(level):
+        return
     fields: dict[str, Any] = {"settings": masked(settings)}
     if telemetry is not None:
         fields["telemetry"] = telemetry.describe()
-    log.info("effective configuration", extra=fields)
+    log.log(level, "effective configuration", extra=fields)

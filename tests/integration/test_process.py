@@ -111,6 +111,42 @@ def test_unreachable_jwks_fails_or_retries(tmp_path: Path, procs: list[Proc]) ->
         httpd.server_close()
 
 
+def test_check_help_describes_every_option_and_its_default() -> None:
+    r = run("check", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for option, words in (("--target", "(default: 127.0.0.1:9000)"), ("--token", "$TOKEN"),
+                          ("--path", "(default: /v1/models/example:predict)"),
+                          ("--method", "(default: POST)"), ("--header", "repeatable"),
+                          ("--body-file", "raw_body"), ("--repeat", "(default: 1)")):
+        assert option in text and words in text, (option, words, r.stdout)
+
+
+def test_check_sends_a_body_file(tmp_path: Path, issuer: TestIssuer, procs: list[Proc]) -> None:
+    quota = {"default_plan": "free", "plans": {"free": {
+        "limits": [{"name": "tokens", "rate": 100, "per": "1h"}],
+        "models": {"*": {"cost": {"from": "instances"}}}}}}
+    (tmp_path / "quota.yaml").write_text(yaml.safe_dump(quota))
+    config = write_config(tmp_path, issuer)
+    config.write_text(config.read_text() + "quota_file: quota.yaml\n")
+    port = free_port()
+    p = Proc(["serve", "--config", str(config), "--grpc-port", str(port)], port)
+    procs.append(p)
+    p.wait_serving()
+    body = tmp_path / "batch.json"
+    body.write_text(json.dumps({"instances": [[1, 2]] * 30}))
+    token = issuer.mint("cli-body")
+    r = run("check", "--target", f"127.0.0.1:{port}", "--token", token, "--path",
+            "/v1/models/m:predict", "--body-file", str(body))
+    assert r.returncode == 0 and "ALLOW 200" in r.stdout
+    assert "ratelimit-remaining: 70" in r.stdout  # charged the batch of 30
+    r = run("check", "--target", f"127.0.0.1:{port}", "--token", token, "--path",
+            "/v1/models/m:predict")
+    assert "DENY 400" in r.stdout and "body_missing" in r.stdout
+    r = run("check", "--target", f"127.0.0.1:{port}", "--body-file", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "--body-file: cannot read" in r.stderr
+
+
 def test_no_issuers_refuses_to_start() -> None:
     r = run("serve", "--grpc-port", str(free_port()))
     assert r.returncode == 2 and "no issuers configured" in r.stderr
@@ -123,8 +159,14 @@ def test_dev_mode_prints_working_tokens(procs: list[Proc]) -> None:
     p.wait_serving()
     p.p.send_signal(signal.SIGTERM)
     out = p.output()
-    token = next(line.split()[-1] for line in out.splitlines() if "alice (plan free)" in line)
+    # Ready to paste: `export ALICE=<token>   # plan free`.
+    token = next(line.split("=", 1)[1].split()[0] for line in out.splitlines()
+                 if line.strip().startswith("export ALICE="))
     assert "DEVELOPMENT MODE" in out
+    assert '--token "$ALICE"' in out
+    # Human-readable log lines, and none of the production warnings/config dump.
+    assert '{"ts"' not in out and "subject_salt" not in out
+    assert "effective configuration" not in out
     # and the token works against a fresh dev server? No: the key was ephemeral.
     p2 = Proc(["serve", "--dev", "--grpc-port", str(port), "--metrics-port", "0"], port)
     procs.append(p2)

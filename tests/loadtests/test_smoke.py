@@ -70,6 +70,13 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert "full/floor" in data["ratios"] and "full/naive" in data["ratios"]
     assert "full-http-redis/floor" in data["ratios"]
     assert "light p99 full-http-redis/floor" in data["ratios"]
+    # The chart of the same run: a bar per server and round, in both panels.
+    svg = tmp_path / "bench.svg"
+    proc = run([sys.executable, "-m", "loadtests.chart", str(out), "--out", str(svg)], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = svg.read_text()
+    for name in summary:
+        assert text.count(f"<title>{name} round 1:") == 2, name
 
 
 def read_stats(prefix: Path) -> dict[str, tuple[int, int]]:
@@ -85,7 +92,7 @@ def locust(locustfile: str, csv_prefix: Path, extra: list[str]) -> subprocess.Co
     return run([sys.executable, "-m", "locust", "-f", locustfile, "--headless", "-u", "24",
                 "-r", "24", "-t", "3s", "--stop-timeout", "2", "--only-summary",
                 "--invalid-share", "0.25", "--over-limit-share", "0.25",
-                "--csv", str(csv_prefix), *extra], timeout=90)
+                "--csv", str(csv_prefix), "--html", f"{csv_prefix}.html", *extra], timeout=90)
 
 
 def test_locust_grpc_scenario(tmp_path: Path) -> None:
@@ -95,6 +102,15 @@ def test_locust_grpc_scenario(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stats = read_stats(tmp_path / "grpc")
     assert {"Check allow", "Check 401", "Check 429"} <= set(stats), stats
+    # The HTML report (charts of requests/s, response times and users over the run).
+    report = (tmp_path / "grpc.html").read_text()
+    assert "Check allow" in report and "<html" in report.lower()
+    # ... and the chart of the run over time, from the same --csv history.
+    svg = tmp_path / "grpc.svg"
+    proc = run([sys.executable, "-m", "loadtests.chart", "--locust",
+                str(tmp_path / "grpc_stats_history.csv"), "--out", str(svg)], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert svg.read_text().count("<polyline") >= 4  # requests/s, users, p50, p95, ...
     assert all(failures == 0 for _, failures in stats.values()), stats
     assert not [n for n in stats if "grpc" in n or n.startswith("Check 5")], stats
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import h2load
 from .bench import BENCH_USER, CLIENT_CPU, RESULTS, SERVER_CPU, Server, authz_argv, running
-from .population import check_request, grpc_frame, write_world
+from .population import UNSAMPLED_TRACEPARENT, check_request, grpc_frame, write_world
 from .procs import free_port, start_redis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def summarize(raw: Path, top: int = 40) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.profile", description=__doc__)
     ap.add_argument("server", choices=("floor", "full-redis", "naive", "full-memory",
-                                       "full-otel"))
+                                       "full-otel", "full-otel-1pct", "full-notel"))
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="also sample C/C++ frames")
@@ -85,13 +85,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         world = write_world(work / "world")
         token = world.signer().token(BENCH_USER, "bench")
-        body = check_request("Bearer " + token).SerializeToString()
+        body = check_request(
+            "Bearer " + token,
+            **({"traceparent": UNSAMPLED_TRACEPARENT} if args.server == "full-otel-1pct"
+               else {})).SerializeToString()
         body_file = work / "body.bin"
         body_file.write_bytes(grpc_frame(body))
         port = free_port()
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         cfg = world.write_config(work / "config.yaml", grpc_port=port,
-                                 redis_url="" if args.server == "full-memory" else redis_url)
+                                 redis_url="" if args.server == "full-memory" else redis_url,
+                                 # the bench's otel rows serve metrics
+                                 metrics_port=free_port() if "otel" in args.server else 0)
         argv_for = {
             "floor": [sys.executable, "-m", "loadtests.floor_server", "--port", str(port)],
             "naive": [sys.executable, "-m", "loadtests.naive_server", "--config", str(cfg),
@@ -99,12 +104,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "full-redis": authz_argv(cfg, 1),
             "full-memory": authz_argv(cfg, 1),
             "full-otel": authz_argv(cfg, 1),
+            "full-otel-1pct": authz_argv(cfg, 1),
+            "full-notel": authz_argv(cfg, 1),
         }
+        # As the bench runs them (loadtests/bench.py).
+        envs = {"full-otel": {"OTEL_TRACES_SAMPLER": "always_on",
+                              "OTEL_TRACES_EXPORTER": "authz_discard"},
+                "full-otel-1pct": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                   "OTEL_TRACES_SAMPLER_ARG": "0.01",
+                                   "OTEL_TRACES_EXPORTER": "authz_discard"},
+                "full-notel": {"OTEL_SDK_DISABLED": "true"}}
         server = Server(args.server, argv_for[args.server], port, False, None,
                         health=args.server.startswith("full"),
-                        env={"OTEL_TRACES_SAMPLER": "always_on",
-                             "OTEL_TRACES_EXPORTER": "authz_discard"}
-                        if args.server == "full-otel" else {})
+                        env=envs.get(args.server, {}))
         with running([server], work, body, SERVER_CPU):
             assert server.proc is not None
             h2load.run(server.url, body_file, cpu=CLIENT_CPU, duration=2.0)  # warm-up

@@ -53,14 +53,16 @@ In the Check handler::
 Modules: `config` (OTEL_* -> TelemetryConfig), `setup` (Telemetry: providers, readers,
 exporters), `check` (the per-check scope: span, decision counts, deny line), `metrics`
 (instruments), `propagation` (trace headers -> the caller's context), `logs` (JSON lines, the
-effective configuration), `aggregate` (one scrape endpoint for several workers), `exporters`
+effective configuration), `endpoint` (the scrape endpoint: GET/HEAD /metrics only, with the
+process metrics), `aggregate` (one scrape endpoint for several workers), `exporters`
 (authz_discard), `protocol` (CheckTelemetry).
 
 Several worker processes (`--workers N`): the supervisor serves `server.metrics_port` with
 `authz.telemetry.aggregate.MetricsAggregator(host, metrics_port, worker_targets(metrics_port,
 N)).start()`, and starts worker i with `worker_environment(metrics_port, i)` in its environment
 (its own endpoint then listens on 127.0.0.1:metrics_port+1+i). Every series gets a `worker`
-label; `authz_worker_up{worker}` shows which workers answered.
+label (the supervisor's own process metrics `worker="supervisor"`); `authz_worker_up{worker}`
+shows which workers answered.
 
 Environment (standard OpenTelemetry variables; see README "Observability"):
 OTEL_SDK_DISABLED, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_EXPORTER,

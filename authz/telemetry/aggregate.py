@@ -11,6 +11,10 @@ reset of everything. Dashboards and alerts use `sum by (...)` / `sum(rate(...))`
 
 `authz_worker_up{worker="i"}` is 1 when worker i answered the last scrape, else 0 (a worker that
 is restarting). Families appear once each, as the text format requires.
+
+The supervisor is a process of the pod too (memory, fds): its own process metrics (`process_*`,
+`python_gc_*`, `python_info`) join the workers' in the same families, labelled
+`worker="supervisor"`, so `sum(process_resident_memory_bytes)` by pod is the pod's total.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from authz.telemetry.endpoint import register_process_collectors, serve_metrics
 
 _log = logging.getLogger(__name__)
 
@@ -32,11 +38,25 @@ _log = logging.getLogger(__name__)
 # Prometheus' default scrape_timeout (10 s), whatever the worker count.
 DEFAULT_WORKER_TIMEOUT = 2.0
 
+# The `worker` label of the supervisor's own process metrics (workers are "0".."N-1").
+SUPERVISOR = "supervisor"
+
+
+def _merge(families: dict[str, Metric], family: Metric, worker: str) -> None:
+    merged = families.get(family.name)
+    if merged is None:
+        merged = Metric(family.name, family.documentation, family.type, family.unit)
+        families[family.name] = merged
+    for s in family.samples:
+        merged.add_sample(s.name, {**s.labels, "worker": worker}, s.value, s.timestamp)
+
 
 class _WorkersCollector(Collector):
-    def __init__(self, targets: Sequence[tuple[str, int]], timeout: float) -> None:
+    def __init__(self, targets: Sequence[tuple[str, int]], timeout: float,
+                 own: CollectorRegistry) -> None:
         self._targets = tuple(targets)
         self._timeout = timeout
+        self._own = own
 
     def _fetch(self, host: str, port: int) -> str | None:
         url = f"http://{host}:{port}/metrics"
@@ -79,12 +99,9 @@ class _WorkersCollector(Collector):
                 _log.warning("unparseable worker metrics", extra={"worker": index, "error": str(e)})
                 continue
             for family in parsed:
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = Metric(family.name, family.documentation, family.type, family.unit)
-                    families[family.name] = merged
-                for s in family.samples:
-                    merged.add_sample(s.name, {**s.labels, "worker": worker}, s.value, s.timestamp)
+                _merge(families, family, worker)
+        for family in self._own.collect():
+            _merge(families, family, SUPERVISOR)
         yield up
         yield from families.values()
 
@@ -102,14 +119,16 @@ class MetricsAggregator:
     ) -> None:
         self.host = host
         self.port = port
+        own = CollectorRegistry(auto_describe=False)
+        register_process_collectors(own)
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_WorkersCollector(targets, worker_timeout))
+        self._registry.register(_WorkersCollector(targets, worker_timeout, own))
         self._server: Any = None
 
     def start(self) -> None:
         """Raises OSError naming the address if the port is taken."""
         try:
-            server, _thread = start_http_server(self.port, addr=self.host, registry=self._registry)
+            server = serve_metrics(self.host, self.port, self._registry)
         except OSError as e:
             raise OSError(e.errno, f"metrics endpoint {self.host}:{self.port}: {e.strerror}") from e
         self._server = server

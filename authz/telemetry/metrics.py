@@ -43,6 +43,8 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from authz.errors import StoreError, StoreProtocolError, StoreTimeout, StoreUnavailable
+
 _log = logging.getLogger(__name__)
 
 # Bucket bounds in seconds. A check costs ~450 us of CPU and answers in ~0.6-1.2 ms under light
@@ -61,6 +63,13 @@ MAX_DECISION_SERIES = 1000
 OTHER = "_other"
 
 DecisionKey = tuple[str, str, str, str]
+
+# authz.store.errors starts with these at 0 (the store's error classes, authz/errors.py): an
+# alert on `rate(authz_store_errors_total[5m]) > 0` or `increase(...)` only sees the first
+# error of a process if the series existed before it; a counter born at 1 looks like no change.
+STORE_ERROR_TYPES: tuple[str, ...] = tuple(sorted({
+    cls.error_type for cls in (StoreError, StoreTimeout, StoreUnavailable, StoreProtocolError)
+}))
 
 class LocalHistogram:
     """Explicit-bucket histogram, cumulative. `record` is the hot path: keep it tiny."""
@@ -92,7 +101,7 @@ class Counts:
     def __init__(self) -> None:
         self.decisions: dict[DecisionKey, int] = {}
         self._decision_attrs: dict[DecisionKey, dict[str, str]] = {}
-        self.store_errors: dict[str, int] = {}
+        self.store_errors: dict[str, int] = dict.fromkeys(STORE_ERROR_TYPES, 0)
         self.config_reloads: dict[str, int] = {"ok": 0, "error": 0}
         self.inflight = 0
         self.check_duration = LocalHistogram(LATENCY_BUCKETS)

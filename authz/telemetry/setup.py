@@ -2,9 +2,10 @@
 
 Traces: the SDK's TracerProvider (sampler from OTEL_TRACES_SAMPLER, span limits from
 OTEL_*_LIMIT) with one BatchSpanProcessor per exporter (OTEL_BSP_*, validated at startup).
-Metrics: a MeterProvider with the Prometheus reader (our own registry and scrape endpoint) and/or
-a periodic OTLP reader. The per-check work is `check.CheckRecorder`, which `Telemetry` extends;
-see the package docstring (`authz/telemetry/__init__.py`) for how the server uses it.
+Metrics: a MeterProvider with the Prometheus reader (our own registry, with the process metrics,
+served by `endpoint`) and/or a periodic OTLP reader. The per-check work is
+`check.CheckRecorder`, which `Telemetry` extends; see the package docstring
+(`authz/telemetry/__init__.py`) for how the server uses it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from authz.telemetry.config import (
     TelemetryConfig,
     TelemetryConfigError,
 )
+from authz.telemetry.endpoint import register_process_collectors, serve_metrics
 from authz.telemetry.logs import mask_url
 from authz.telemetry.metrics import BridgedHistogram, Counts, HistogramBridge, create_instruments
 from authz.telemetry.propagation import make_extractor
@@ -207,6 +209,7 @@ class Telemetry(CheckRecorder):
             # objects (tests) never collide in prometheus_client's global one.
             self._prometheus_registry = CollectorRegistry(auto_describe=True)
             readers.append(PrometheusMetricReader(registry=self._prometheus_registry))
+            register_process_collectors(self._prometheus_registry)
         if "otlp" in config.metrics_exporters:
             # Interval from OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
             readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(config)))
@@ -231,11 +234,9 @@ class Telemetry(CheckRecorder):
         taken, with the address in the message."""
         if self._prometheus_registry is None or self._http is not None:
             return
-        from prometheus_client import start_http_server
-
         host, port = self.config.prometheus_host, self.config.prometheus_port
         try:
-            server, _thread = start_http_server(port, addr=host, registry=self._prometheus_registry)
+            server = serve_metrics(host, port, self._prometheus_registry)
         except OSError as e:
             raise OSError(e.errno, f"metrics endpoint {host}:{port}: {e.strerror}") from e
         self._http = server

@@ -140,10 +140,12 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = load_service_config(args.config, env=os.environ, dev=args.dev, server=changes)
     settings, quota = loaded.settings, loaded.quota
     if args.dev:
-        # A terminal, not a log pipeline: human-readable lines, and no warning about the
-        # subject-hash salt (a random one is exactly right for a throwaway process).
+        # A terminal, not a log pipeline: no warning about the subject-hash salt (a random one
+        # is exactly right for a throwaway process) and, on the embedded defaults (`make run`),
+        # human-readable lines; a config file's telemetry.log_format is kept.
         settings = dataclasses.replace(settings, telemetry=dataclasses.replace(
-            settings.telemetry, log_format="text",
+            settings.telemetry,
+            log_format=settings.telemetry.log_format if args.config else "text",
             subject_salt=settings.telemetry.subject_salt or os.urandom(16).hex()))
     server = settings.server
     _configure_logging(settings)
@@ -169,7 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.metrics_port is not None:
             worker_argv += ["--metrics-port", str(args.metrics_port)]
         return _supervise(worker_argv, workers, settings)
-    return _run_one(settings, quota, dev=args.dev)
+    return _run_one(settings, quota, dev=args.dev, quiet=args.dev and not args.config)
 
 
 def _supervise(worker_argv: list[str], workers: int, settings: Settings) -> int:
@@ -211,7 +213,9 @@ def _supervise(worker_argv: list[str], workers: int, settings: Settings) -> int:
                 held.close()
 
 
-def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
+def _run_one(settings: Settings, quota: Any, *, dev: bool, quiet: bool = False) -> int:
+    """`quiet`: `serve --dev` on the embedded defaults (`make run`): the banner says what
+    matters, the effective configuration is a DEBUG line."""
     from .server.app import serve
 
     static_issuers: dict[str, Any] = {}
@@ -229,9 +233,8 @@ def _run_one(settings: Settings, quota: Any, *, dev: bool) -> int:
 
     try:
         telemetry = Telemetry.from_settings(settings)
-        # In --dev the banner says what matters; the full settings are one DEBUG line away.
         log_effective_config(settings, telemetry,
-                             level=logging.DEBUG if dev else logging.INFO)
+                             level=logging.DEBUG if quiet else logging.INFO)
         telemetry.start()
     except (TelemetryConfigError, OSError) as e:
         print(f"authz: telemetry: {e}", file=sys.stderr)

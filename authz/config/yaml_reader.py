@@ -39,13 +39,14 @@ MAX_DEPTH = 20
 # a reader walks, so uses of an alias count again.
 MAX_NODES = 1_000_000
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*(us|ms|s|m|h|d)?\s*$")
+# The spelling of a duration string (the config schemas carry it as their `pattern`).
+DURATION_SYNTAX = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*(us|ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 # libyaml (PyYAML's C parser, in every PyPI wheel for Linux): ~4x faster than the pure-Python
 # parser, whose composer recurses once per nesting level.
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def read_text(path: str | Path, *, file: str | None = None, key: str = "") -> str:
@@ -362,14 +363,14 @@ class Node:
                     f"{_short(value)}")
         return None
 
-    def either(self, name: str, scalar: Callable[[], T], section: Callable[[Node], T]) -> T:
+    def either(self, name: str, scalar: Callable[[], _T], section: Callable[[Node], _T]) -> _T:
         """A key that is a mapping (read by `section`, from `self.section(name)`) or else a
         scalar (read by `scalar`, which reads `name` itself, e.g. `shadow: true`)."""
         if isinstance(self.data.get(name), Mapping):
             return section(self.section(name))
         return scalar()
 
-    def variant(self, name: str, branches: Mapping[str, Callable[[Node], T]]) -> T:
+    def variant(self, name: str, branches: Mapping[str, Callable[[Node], _T]]) -> _T:
         """This mapping's keys depend on its `name` key (e.g. `from: tokens`): one of
         `branches` (the first is the default) reads the rest of them."""
         first = next(iter(branches))
@@ -444,7 +445,7 @@ def parse_duration(value: Any) -> float | None:
         if isinstance(value, int | float):
             seconds = float(value)
         elif isinstance(value, str):
-            m = _DURATION.match(value)
+            m = DURATION_SYNTAX.match(value)
             if m:
                 seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     except OverflowError:  # an integer beyond any double

@@ -306,8 +306,10 @@ def _number(positive: bool, minimum: float | None, maximum: float | None) -> dic
 
 
 def build(read: Callable[[Node], object], *, title: str, description: str,
-          docs: Mapping[str, str]) -> dict[str, Any]:
-    """The schema of the file `read` reads (read_settings, read_quota)."""
+          docs: Mapping[str, str], empty_file: bool = True) -> dict[str, Any]:
+    """The schema of the file `read` reads (read_settings, read_quota). `empty_file`: whether
+    its parser reads an empty file (YAML null) as one without keys, as `Node.root` does, or
+    refuses it, as `parse_quota` does (then `{}` is refused too)."""
     root = SchemaRecorder("")
     read(root)
     used: set[str] = set()
@@ -315,6 +317,7 @@ def build(read: Callable[[Node], object], *, title: str, description: str,
     unused = sorted(set(docs) - used)
     if unused:
         raise SchemaDefinitionError(f"descriptions of keys no loader reads: {unused}")
+    body = _or_null(body) if empty_file else {**body, "minProperties": 1}
     return {"$schema": DRAFT, "title": title, "description": description, **body}
 
 

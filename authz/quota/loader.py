@@ -100,15 +100,14 @@ def read_quota(root: Node) -> Quota:
         named.add(name)
         with problems.part():
             plans[name] = _plan(plan_node, name, shadow)
-    default_plan = BLOCKED
-    with problems.part():
-        # Required once plans are defined (a cross-key rule the schema does not carry).
-        defined_any = len(named) > len(BUILTIN_PLANS)
-        default_plan = (root.text("default_plan", allow_empty=False) if defined_any else
-                        root.text("default_plan", BLOCKED))
-        if default_plan not in named:
-            root.report("default_plan", f"plan {default_plan!r} is not defined under plans "
-                        f"(defined: {', '.join(sorted(named))})")
+    default_plan = root.text("default_plan", BLOCKED, allow_empty=False)
+    # Required once plans are defined (a rule across keys, which the schema does not carry):
+    # everyone blocked must be said, not be what a forgotten key means.
+    if len(named) > len(BUILTIN_PLANS) and not root.has("default_plan"):
+        root.report("default_plan", "is required (a string) once plans are defined")
+    elif default_plan not in named:
+        root.report("default_plan", f"plan {default_plan!r} is not defined under plans "
+                    f"(defined: {', '.join(sorted(named))})")
     overrides: dict[tuple[str, str], str] = {}
     for path, raw in root.items("overrides"):
         with problems.part():
@@ -138,7 +137,8 @@ def _shadow(n: Node, key: str, inherited: _Shadow) -> _Shadow:
     """`shadow: true` (every limit), or `shadow: {rate_limits: bool, refusals: [...]}`; what a
     plan says adds to what the file says for all plans."""
     return n.either(
-        key, lambda: _Shadow(inherited.rate_limits or n.flag(key, False), inherited.refusals),
+        # The flag is read first: `or` must not skip reading the key (it would be "unknown").
+        key, lambda: _Shadow(n.flag(key, False) or inherited.rate_limits, inherited.refusals),
         lambda sn: _shadow_section(sn, inherited))
 
 

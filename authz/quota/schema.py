@@ -9,13 +9,12 @@ from .loader import read_quota
 
 
 def quota_schema() -> dict[str, Any]:
-    schema = build(read_quota, title="authz quota file",
-                   description="Plans, limits and overrides (README \"Quota file\"). Generated "
-                   "from authz/quota/loader.py by `authz schema quota`: do not edit.",
-                   docs=QUOTA_DOCS)
     # parse_quota refuses an empty file before reading a key (an empty ConfigMap must not
     # block everyone).
-    return {**schema, "minProperties": 1}
+    return build(read_quota, title="authz quota file",
+                 description="Plans, limits and overrides (README \"Quota file\"). Generated "
+                 "from authz/quota/loader.py by `authz schema quota`: do not edit.",
+                 docs=QUOTA_DOCS, empty_file=False)
 
 
 # A limit's keys, the same under a plan's and a model rule's `limits` (one function reads both).

@@ -1,4 +1,4 @@
-"""The `authz` command: serve, check-config, check, quota, demo."""
+"""The `authz` command: serve, check-config, schema, check, quota, demo."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_config = sub.add_parser("check-config", help="validate a config or quota file")
     check_config.add_argument("file")
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the config or quota file "
+                                           "(for editors), or --write both")
+    schema.add_argument("file", nargs="?", choices=("config", "quota"))
+    schema.add_argument("--write", metavar="DIR", nargs="?", const="schemas", default=None,
+                        help="write authz-config.schema.json and authz-quota.schema.json into "
+                             "DIR (default: schemas)")
 
     check_text = ("send one Check to a running service, as an Envoy sidecar would, and print "
                   "the answer: ALLOW with the headers set for the model server and the client, "
@@ -93,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "check-config":
             return _check_config(args.file)
+        if args.command == "schema":
+            return _schema(parser, args.file, args.write)
         if args.command == "check":
             return _check(args)
         if args.command == "quota":
@@ -297,6 +306,27 @@ def _check_config(file: str) -> int:
     print(f"{file}: OK (config: {len(settings.auth.issuers)} issuers, store {store}, "
           f"quota {settings.quota_file or '<embedded default>'}: "
           f"{_plan_count(quota, BUILTIN_PLANS)})")
+    return 0
+
+
+def _schema(parser: argparse.ArgumentParser, file: str | None, write: str | None) -> int:
+    """The schemas are recorded from the loaders themselves (authz/config/schema.py)."""
+    from pathlib import Path
+
+    from .config.schema import CONFIG_FILE, QUOTA_FILE, config_schema, dumps
+    from .quota.schema import quota_schema
+
+    if (file is None) == (write is None):
+        parser.error("schema: name one file (config or quota) to print, or --write DIR")
+    if file is not None:
+        print(dumps(config_schema() if file == "config" else quota_schema()), end="")
+        return 0
+    assert write is not None
+    out = Path(write)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, schema in ((CONFIG_FILE, config_schema()), (QUOTA_FILE, quota_schema())):
+        (out / name).write_text(dumps(schema), encoding="utf-8")
+        print(out / name)
     return 0
 
 

@@ -66,6 +66,15 @@ def parse_settings(data: Any, file: str, *, base_dir: Path | None = None) -> Set
     """Every key checked; all problems raised together (`ConfigErrors`), never a partial
     Settings."""
     root = Node.root(file, data)
+    settings = read_settings(root, base_dir)
+    root.problems.raise_if_any()
+    return settings
+
+
+def read_settings(root: Node, base_dir: Path | None) -> Settings:
+    """The settings from the file's top-level node, problems left in `root.problems`. Every key
+    is read through a typed `Node` getter, so the same function, run through
+    `authz.config.schema.SchemaRecorder`, is also the source of the JSON Schema."""
     problems = root.problems
     d = Settings()
     server, auth, store = d.server, d.auth, d.store
@@ -91,7 +100,6 @@ def parse_settings(data: Any, file: str, *, base_dir: Path | None = None) -> Set
     internal = root.integer("internal_error_status", d.internal_error_status, minimum=500,
                             maximum=599)
     root.done()
-    problems.raise_if_any()
     return Settings(
         server=server, auth=auth, store=store, paths=paths, headers=headers,
         telemetry=telemetry, quota_file=quota_file, quota_reload_interval=reload_interval,
@@ -106,6 +114,8 @@ def parse_settings(data: Any, file: str, *, base_dir: Path | None = None) -> Set
 DRAIN_DELAY_MAX = 300.0
 SHUTDOWN_GRACE_MIN = 0.001
 SHUTDOWN_GRACE_MAX = 600.0
+# Every second of leeway is a second an expired token still works.
+LEEWAY_MAX = 300.0
 # A JWKS fetch longer than a minute is a dead identity provider, not a slow one.
 JWKS_TIMEOUT_MIN = 0.001
 JWKS_TIMEOUT_MAX = 60.0
@@ -201,7 +211,9 @@ def _auth(n: Node, base_dir: Path | None) -> AuthSettings:
     s = AuthSettings(
         issuers=tuple(issuers),
         audience=_audience(n, d.audience),
-        leeway=n.duration("leeway", d.leeway, allow_zero=True),
+        leeway=n.duration("leeway", d.leeway, allow_zero=True, maximum=LEEWAY_MAX,
+                          above="more than 5 minutes of clock leeway keeps expired tokens "
+                          "alive"),
         max_token_bytes=n.integer("max_token_bytes", d.max_token_bytes, minimum=256,
                                   maximum=MAX_TOKEN_BYTES),
         token_cache_size=n.integer("token_cache_size", d.token_cache_size, minimum=0,
@@ -220,8 +232,6 @@ def _auth(n: Node, base_dir: Path | None) -> AuthSettings:
         ),
     )
     n.done()
-    if s.leeway > 300:
-        n.report("leeway", "more than 5 minutes of clock leeway keeps expired tokens alive")
     return s
 
 
@@ -245,12 +255,9 @@ def _issuer(n: Node, base_dir: Path | None) -> IssuerSettings:
     jwks_url = n.opt_str("jwks_url")
     jwks_file = n.opt_str("jwks_file")
     pem_file = n.opt_str("pem_file")
-    algorithms = n.str_list("algorithms", ASYMMETRIC_ALGORITHMS)
-    for alg in algorithms:
-        if alg not in SUPPORTED_ALGORITHMS:
-            n.report("algorithms", f"unsupported algorithm {alg!r}; expected some of "
-                     f"{', '.join(SUPPORTED_ALGORITHMS)} ('none' and HS* are never accepted)")
-            break
+    algorithms = n.str_list("algorithms", ASYMMETRIC_ALGORITHMS, choices=SUPPORTED_ALGORITHMS,
+                            unknown="unsupported algorithm",
+                            note=" ('none' and HS* are never accepted)")
     # Unknown keys first: `jwks_uri` (the OIDC discovery spelling) is a typo for `jwks_url`,
     # which "needs exactly one key source" would only obscure.
     unknown = n.has_unknown_keys
@@ -279,7 +286,10 @@ def _store(n: Node) -> StoreSettings:
     s = StoreSettings(
         redis_url=url,
         key_prefix=n.text("key_prefix", d.key_prefix),
-        timeout=n.duration("timeout", d.timeout, minimum=STORE_TIMEOUT_MIN),
+        timeout=n.duration("timeout", d.timeout, minimum=STORE_TIMEOUT_MIN,
+                           maximum=STORE_TIMEOUT_MAX,
+                           above="at most 10s: the store answer must come well before the "
+                           "mesh's check timeout (0.5s recommended)"),
         on_error=cast(Any, n.choice("on_error", d.on_error, ("deny", "allow"))),
         max_batch=n.integer("max_batch", d.max_batch, minimum=1, maximum=100_000),
         redis_mode=cast(Any, n.choice("redis_mode", d.redis_mode,
@@ -296,9 +306,6 @@ def _store(n: Node) -> StoreSettings:
     if not n.failed:
         for key, problem in redis_topology_problems(s):
             n.report(key, problem)
-    if s.timeout > STORE_TIMEOUT_MAX:
-        n.report("timeout", "at most 10s: the store answer must come well before the "
-                 "mesh's check timeout (0.5s recommended)")
     if any(c in s.key_prefix for c in "{}"):
         n.report("key_prefix", "must not contain { or } (they delimit the cluster hash tag)")
     elif len(s.key_prefix) > 64 or not s.key_prefix.isprintable() or " " in s.key_prefix:

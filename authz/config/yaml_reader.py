@@ -18,9 +18,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -39,11 +39,14 @@ MAX_DEPTH = 20
 # a reader walks, so uses of an alias count again.
 MAX_NODES = 1_000_000
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*(us|ms|s|m|h|d)?\s*$")
+# The spelling of a duration string (the config schemas carry it as their `pattern`).
+DURATION_SYNTAX = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*(us|ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 # libyaml (PyYAML's C parser, in every PyPI wheel for Linux): ~4x faster than the pure-Python
 # parser, whose composer recurses once per nesting level.
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_T = TypeVar("_T")
 
 
 def read_text(path: str | Path, *, file: str | None = None, key: str = "") -> str:
@@ -187,7 +190,10 @@ class Node:
             value = {}
         return Node(self.file, self.key(name), value, self.problems)
 
-    def text(self, name: str, default: str | None = None, *, allow_empty: bool = True) -> str:
+    def text(self, name: str, default: str | None = None, *, allow_empty: bool = True,
+             pattern: re.Pattern[str] | None = None, hint: str = "") -> str:
+        """A string; `pattern` (matched from the start, as the schema's `pattern` is) and
+        `hint` (what it is, for the message) restrict it."""
         value = self.raw(name)
         if value is None:
             if default is None:
@@ -197,14 +203,22 @@ class Node:
             return str(self._bad(name, f"expected a string, got {_kind(value)}", default))
         if not allow_empty and not value.strip():
             return str(self._bad(name, "must not be empty", default))
+        if pattern is not None and not pattern.match(value):
+            # Reported, not raised, even when required: the rest of the part is still checked.
+            self.report(name, f"expected {hint}, got {_short(value)}")
+            return value if default is None else default
         return value
 
-    def opt_str(self, name: str) -> str | None:
+    def opt_str(self, name: str, *, pattern: re.Pattern[str] | None = None,
+                hint: str = "") -> str | None:
         value = self.raw(name)
         if value is None:
             return None
         if not isinstance(value, str) or not value.strip():
             self.report(name, f"expected a non-empty string, got {_kind(value)}")
+            return None
+        if pattern is not None and not pattern.match(value):
+            self.report(name, f"expected {hint}, got {_short(value)}")
             return None
         return value
 
@@ -256,12 +270,13 @@ class Node:
 
     def duration(
         self, name: str, default: float | None = None, *, allow_zero: bool = False,
-        minimum: float | None = None, maximum: float | None = None,
+        minimum: float | None = None, maximum: float | None = None, above: str = "",
     ) -> float:
         """Seconds, from a number (seconds) or a string like "50ms", "2s", "1m", "1d".
 
         `minimum`/`maximum` (seconds, inclusive) bound it; 0 is allowed only with `allow_zero`
-        (and then is not subject to `minimum`: 0 means "off")."""
+        (and then is not subject to `minimum`: 0 means "off"). `above`: the message for a
+        value over `maximum`, when the reason deserves saying."""
         value = self.raw(name)
         if value is None:
             if default is None:
@@ -277,6 +292,10 @@ class Node:
                                    default))
         if seconds == 0:
             return 0.0
+        if above and maximum is not None and seconds > maximum:
+            return float(self._bad(name, above, default))
+        if above:  # the maximum has its own message: the one below is about the minimum
+            maximum = None
         if (minimum is not None and seconds < minimum) or (maximum is not None
                                                            and seconds > maximum):
             zero = " (or 0 to turn it off)" if allow_zero else ""
@@ -305,14 +324,85 @@ class Node:
                                  default))
         return value
 
-    def str_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def opt_choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+        """One of `choices`, or None when the key is absent (the caller's "inherit")."""
+        value = self.raw(name)
+        if value is None:
+            return None
+        if value not in choices:
+            self.report(name, f"expected {' or '.join(choices)}, got {_short(value)}")
+            return None
+        return str(value)
+
+    def str_list(self, name: str, default: tuple[str, ...], *,
+                 choices: tuple[str, ...] | None = None,
+                 unknown: str = "unknown value", note: str = "") -> tuple[str, ...]:
+        """A list of non-empty strings; with `choices`, each one of them (a value outside is
+        reported as "<unknown> 'value'; expected some of ...<note>")."""
         value = self.raw(name)
         if value is None:
             return default
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             self.report(name, "expected a list of non-empty strings")
             return default
+        bad = [v for v in value if choices is not None and v not in choices]
+        if choices is not None and bad:
+            self.report(name, f"{unknown} {bad[0]!r}; expected some of {', '.join(choices)}"
+                        f"{note}")
+            return tuple(v for v in value if v in choices)
         return tuple(value)
+
+    def integer_or(self, name: str, word: str, *, minimum: int, maximum: int) -> int | None:
+        """An integer between `minimum` and `maximum`, or `word` (or nothing) for None."""
+        value = self.raw(name)
+        if value is None or value == word:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return self.integer(name, minimum, minimum=minimum, maximum=maximum)
+        self.report(name, f"expected an integer ({minimum} to {maximum}) or {word}, got "
+                    f"{_short(value)}")
+        return None
+
+    def either(self, name: str, scalar: Callable[[], _T], section: Callable[[Node], _T]) -> _T:
+        """A key that is a mapping (read by `section`, from `self.section(name)`) or else a
+        scalar (read by `scalar`, which reads `name` itself, e.g. `shadow: true`)."""
+        if isinstance(self.data.get(name), Mapping):
+            return section(self.section(name))
+        return scalar()
+
+    def variant(self, name: str, branches: Mapping[str, Callable[[Node], _T]]) -> _T:
+        """This mapping's keys depend on its `name` key (e.g. `from: tokens`): one of
+        `branches` (the first is the default) reads the rest of them."""
+        first = next(iter(branches))
+        return branches[self.choice(name, first, tuple(branches))](self)
+
+    def entries(self, name: str, *, pattern: re.Pattern[str], hint: str, limit: int,
+                what: str, reserved: tuple[str, ...] = (), reserved_hint: str = "",
+                empty: str = "") -> Iterator[tuple[str, Node]]:
+        """A mapping from names (matching `pattern`, at most `limit`, none of `reserved`) to
+        mappings (nothing: an empty one), e.g. the quota file's plans. A bad name or value is
+        reported and skipped; `empty`: the problem an empty mapping is (else it is fine)."""
+        node = self.section(name)
+        if len(node.data) > limit:
+            self.report(name, f"more than {limit} {what}")
+        if empty and not node.data:
+            self.report(name, empty)
+        for key in list(node.data)[:limit]:
+            path = node.key(str(key))
+            if not isinstance(key, str) or not pattern.match(key):
+                self.problems.add(ConfigError(self.file, path, hint))
+                continue
+            if key in reserved:
+                self.problems.add(ConfigError(self.file, path, f"{key!r} {reserved_hint}"))
+                continue
+            value = node.raw(key)
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                self.problems.add(ConfigError(self.file, path,
+                                              f"expected a mapping, got {_kind(value)}"))
+                continue
+            yield key, Node(self.file, path, value, self.problems)
 
     def items(self, name: str) -> Iterator[tuple[str, Any]]:
         value = self.raw(name)
@@ -355,7 +445,7 @@ def parse_duration(value: Any) -> float | None:
         if isinstance(value, int | float):
             seconds = float(value)
         elif isinstance(value, str):
-            m = _DURATION.match(value)
+            m = DURATION_SYNTAX.match(value)
             if m:
                 seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     except OverflowError:  # an integer beyond any double

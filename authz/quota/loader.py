@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -76,6 +75,15 @@ def parse_quota(data: Any, file: str) -> Quota:
         raise ConfigError(file, "", "the quota file is empty (or only comments): it must "
                           "define plans and default_plan")
     root = Node.root(file, data)
+    quota = read_quota(root)
+    root.problems.raise_if_any()
+    return quota
+
+
+def read_quota(root: Node) -> Quota:
+    """The quota from the file's top-level node, problems left in `root.problems`. Every key is
+    read through a typed `Node` getter, so the same function, run through
+    `authz.config.schema.SchemaRecorder`, is also the source of the JSON Schema."""
     problems = root.problems
     plan_claim = root.text("plan_claim", "plan", allow_empty=False)
     shadow = _Shadow(False, frozenset())
@@ -84,31 +92,22 @@ def parse_quota(data: Any, file: str) -> Quota:
     plans: dict[str, Plan] = {UNLIMITED: Plan(UNLIMITED, unlimited=True),
                               BLOCKED: Plan(BLOCKED, blocked=True,
                                             shadow_refusals=shadow.refusals)}
-    plans_node = root.section("plans")
-    if len(plans_node.data) > MAX_PLANS:
-        root.report("plans", f"more than {MAX_PLANS} plans")
     named = set(BUILTIN_PLANS)
-    for name in list(plans_node.data)[:MAX_PLANS]:
-        key = plans_node.key(str(name))
-        if not isinstance(name, str) or not _NAME.match(name):
-            problems.add(ConfigError(file, key, "plan names are letters, digits, '_', '.', '-' "
-                                     "(<= 64)"))
-            continue
-        if name in BUILTIN_PLANS:
-            problems.add(ConfigError(file, key, f"{name!r} is a built-in plan and cannot be "
-                                     "redefined"))
-            continue
+    for name, plan_node in root.entries(
+            "plans", pattern=_NAME, hint="plan names are letters, digits, '_', '.', '-' (<= 64)",
+            limit=MAX_PLANS, what="plans", reserved=BUILTIN_PLANS,
+            reserved_hint="is a built-in plan and cannot be redefined"):
         named.add(name)
         with problems.part():
-            plans[name] = _plan(plans_node.child(key, plans_node.raw(name) or {}), name,
-                                shadow)
-    default_plan = BLOCKED
-    with problems.part():
-        default_plan = (root.text("default_plan", allow_empty=False) if plans_node.data else
-                        root.text("default_plan", BLOCKED))
-        if default_plan not in named:
-            root.report("default_plan", f"plan {default_plan!r} is not defined under plans "
-                        f"(defined: {', '.join(sorted(named))})")
+            plans[name] = _plan(plan_node, name, shadow)
+    default_plan = root.text("default_plan", BLOCKED, allow_empty=False)
+    # Required once plans are defined (a rule across keys, which the schema does not carry):
+    # everyone blocked must be said, not be what a forgotten key means.
+    if len(named) > len(BUILTIN_PLANS) and not root.has("default_plan"):
+        root.report("default_plan", "is required (a string) once plans are defined")
+    elif default_plan not in named:
+        root.report("default_plan", f"plan {default_plan!r} is not defined under plans "
+                    f"(defined: {', '.join(sorted(named))})")
     overrides: dict[tuple[str, str], str] = {}
     for path, raw in root.items("overrides"):
         with problems.part():
@@ -124,7 +123,6 @@ def parse_quota(data: Any, file: str) -> Quota:
                 n.report("subject", f"{subject!r} of {issuer!r} is overridden twice")
             overrides[(issuer, subject)] = plan
     root.done()
-    problems.raise_if_any()
     return Quota(plan_claim=plan_claim, default_plan=default_plan, plans=plans,
                  overrides=overrides)
 
@@ -138,50 +136,34 @@ class _Shadow:
 def _shadow(n: Node, key: str, inherited: _Shadow) -> _Shadow:
     """`shadow: true` (every limit), or `shadow: {rate_limits: bool, refusals: [...]}`; what a
     plan says adds to what the file says for all plans."""
-    raw = n.raw(key)
-    if raw is None:
-        return inherited
-    if isinstance(raw, bool):
-        return _Shadow(inherited.rate_limits or raw, inherited.refusals)
-    sn = n.section(key)
+    return n.either(
+        # The flag is read first: `or` must not skip reading the key (it would be "unknown").
+        key, lambda: _Shadow(n.flag(key, False) or inherited.rate_limits, inherited.refusals),
+        lambda sn: _shadow_section(sn, inherited))
+
+
+def _shadow_section(sn: Node, inherited: _Shadow) -> _Shadow:
     rate_limits = sn.flag("rate_limits", False)
-    refusals = sn.str_list("refusals", ())
+    refusals = sn.str_list("refusals", (), choices=SHADOWABLE_REFUSALS, unknown="unknown refusal")
     sn.done()
-    bad = [r for r in refusals if r not in SHADOWABLE_REFUSALS]
-    if bad:
-        sn.report("refusals", f"unknown refusal {bad[0]!r}; expected some of "
-                  f"{', '.join(SHADOWABLE_REFUSALS)}")
-    return _Shadow(inherited.rate_limits or rate_limits,
-                   inherited.refusals | {r for r in refusals if r in SHADOWABLE_REFUSALS})
+    return _Shadow(inherited.rate_limits or rate_limits, inherited.refusals | set(refusals))
 
 
 def _plan(n: Node, name: str, inherited: _Shadow) -> Plan:
     shadow = _shadow(n, "shadow", inherited)
-    on_error = n.opt_str("on_error")
-    if on_error not in (None, "deny", "allow"):
-        n.report("on_error", f"expected deny or allow, got {on_error!r}")
-        on_error = None
+    on_error = n.opt_choice("on_error", ("deny", "allow"))
     limits = _limits(n, "limits", shadow.rate_limits)
     models: tuple[ModelRule, ...] | None = None
     if n.has("models"):
-        models_node = n.section("models")
         rules = []
-        if len(models_node.data) > MAX_MODEL_RULES:
-            n.report("models", f"more than {MAX_MODEL_RULES} model rules")
-        for pattern in list(models_node.data)[:MAX_MODEL_RULES]:
-            key = models_node.key(str(pattern))
-            if not isinstance(pattern, str) or not _PATTERN.match(pattern):
-                n.problems.add(ConfigError(n.file, key, "expected a model name or glob pattern "
-                                           "(letters, digits, '_', '.', '-', '*', '?', '[]')"))
-                continue
+        for pattern, rn in n.entries(
+                "models", pattern=_PATTERN, limit=MAX_MODEL_RULES, what="model rules",
+                hint="expected a model name or glob pattern (letters, digits, '_', '.', '-', "
+                "'*', '?', '[]')",
+                empty="is empty: no model would be allowed (use the built-in 'blocked' plan "
+                "for that)"):
             with n.problems.part():
-                rn = models_node.child(key, models_node.raw(pattern) or {})
-                cost_rule = None
-                if isinstance(rn.data.get("cost"), Mapping):
-                    cost = 1
-                    cost_rule = _cost_rule(rn.section("cost"))
-                else:
-                    cost = rn.integer("cost", 1, minimum=1, maximum=MAX_COST)
+                cost, cost_rule = _model_cost(rn)
                 rule = ModelRule(pattern=pattern, cost=cost,
                                  limits=_limits(rn, "limits", shadow.rate_limits),
                                  cost_rule=cost_rule)
@@ -198,9 +180,6 @@ def _plan(n: Node, name: str, inherited: _Shadow) -> Plan:
                         break
                 rules.append(rule)
         models = tuple(rules)
-        if not models_node.data:
-            n.report("models", "is empty: no model would be allowed (use the built-in "
-                     "'blocked' plan for that)")
     n.done()
     if len(limits) > MAX_LIMITS_PER_REQUEST:
         n.report("limits", f"{len(limits)} limits; at most {MAX_LIMITS_PER_REQUEST} (each is a "
@@ -235,24 +214,28 @@ def _plan(n: Node, name: str, inherited: _Shadow) -> Plan:
                 shadow_refusals=shadow.refusals, scope=scopes[0] if len(scopes) == 1 else None)
 
 
+def _model_cost(rn: Node) -> tuple[int, CostRule | None]:
+    """A model rule's `cost`: fixed (a whole number), or from the body (`{from: ...}`)."""
+    return rn.either("cost", lambda: (rn.integer("cost", 1, minimum=1, maximum=MAX_COST), None),
+                     lambda cn: (1, _cost_rule(cn)))
+
+
 def _limits(n: Node, key: str, shadow: bool) -> tuple[Limit, ...]:
     out = []
     for path, raw in n.items(key):
         with n.problems.part():
             ln = n.child(path, raw)
-            name = ln.text("name", allow_empty=False)
-            if not _NAME.match(name):
-                ln.report("name", "limit names are letters, digits, '_', '.', '-' (<= 64)")
+            name = ln.text("name", pattern=_NAME,
+                           hint="a limit name: letters, digits, '_', '.', '-' (<= 64)")
             count = ln.number("rate", maximum=MAX_TOKENS)
             per = ln.duration("per", 1.0, minimum=MIN_PER, maximum=MAX_PER)
-            burst = ln.number("burst", min(count, MAX_TOKENS), maximum=MAX_TOKENS)
+            # The default, `rate`, is checked against 1 below (the schema cannot say it).
+            burst = ln.number("burst", min(count, MAX_TOKENS), minimum=1.0, maximum=MAX_TOKENS)
             limit_shadow = ln.flag("shadow", False)
-            scope = ln.opt_str("scope")
+            scope = ln.opt_str("scope", pattern=_CLAIM,
+                               hint="a claim name (letters, digits, '_', '-', ':', '.')")
             unit = ln.choice("unit", "cost", ("cost", "requests"))
             ln.done()
-            if scope is not None and not _CLAIM.match(scope):
-                ln.report("scope", f"expected a claim name (letters, digits, '_', '-', ':', '.'), "
-                          f"got {scope!r}")
             if ln.failed:
                 continue
             rate = count / per
@@ -282,36 +265,40 @@ MAX_COMPLETION_TOKENS = 1_000_000
 
 def _cost_rule(n: Node) -> CostRule:
     """`cost: {from: instances | tokens, ...}`: the cost from the request's body."""
-    source = n.choice("from", "instances", ("instances", "tokens"))
-    d = CostRule(source)
-    fallback_raw = n.raw("fallback")
-    fallback: int | None = None
-    if isinstance(fallback_raw, int) and not isinstance(fallback_raw, bool):
-        fallback = n.integer("fallback", 1, minimum=1, maximum=MAX_COST)
-    elif fallback_raw not in (None, "reject"):
-        n.report("fallback", f"expected a cost (1 to {MAX_COST}) or reject, got "
-                 f"{fallback_raw!r}")
-    if source == "instances":
-        rule = CostRule(source, per_instance=n.integer("per_instance", d.per_instance,
-                                                       minimum=1, maximum=MAX_COST),
-                        fallback=fallback,
-                        max_body_bytes=n.integer("max_body_bytes", d.max_body_bytes,
-                                                 minimum=64, maximum=MAX_BODY_BYTES))
-    else:
-        rule = CostRule(
-            source,
-            default_max_tokens=n.integer("default_max_tokens", d.default_max_tokens,
-                                         minimum=1, maximum=MAX_COMPLETION_TOKENS),
-            max_tokens=n.integer("max_tokens", d.max_tokens, minimum=1,
-                                 maximum=MAX_COMPLETION_TOKENS),
-            bytes_per_token=n.number("bytes_per_token", d.bytes_per_token, minimum=1.0,
-                                     maximum=64.0),
-            fallback=fallback,
-            max_body_bytes=n.integer("max_body_bytes", d.max_body_bytes, minimum=64,
-                                     maximum=MAX_BODY_BYTES))
-        if not n.failed and rule.default_max_tokens > rule.max_tokens:
-            n.report("default_max_tokens", f"{rule.default_max_tokens} is above max_tokens "
-                     f"{rule.max_tokens}")
+    rule = n.variant("from", {"instances": _instances_cost, "tokens": _tokens_cost})
     n.done()
     return rule
 
+
+def _instances_cost(n: Node) -> CostRule:
+    d = CostRule("instances")
+    return CostRule("instances",
+                    per_instance=n.integer("per_instance", d.per_instance, minimum=1,
+                                           maximum=MAX_COST),
+                    fallback=_fallback(n), max_body_bytes=_max_body_bytes(n, d))
+
+
+def _tokens_cost(n: Node) -> CostRule:
+    d = CostRule("tokens")
+    rule = CostRule(
+        "tokens",
+        default_max_tokens=n.integer("default_max_tokens", d.default_max_tokens, minimum=1,
+                                     maximum=MAX_COMPLETION_TOKENS),
+        max_tokens=n.integer("max_tokens", d.max_tokens, minimum=1,
+                             maximum=MAX_COMPLETION_TOKENS),
+        bytes_per_token=n.number("bytes_per_token", d.bytes_per_token, minimum=1.0,
+                                 maximum=64.0),
+        fallback=_fallback(n), max_body_bytes=_max_body_bytes(n, d))
+    if not n.failed and rule.default_max_tokens > rule.max_tokens:
+        n.report("default_max_tokens", f"{rule.default_max_tokens} is above max_tokens "
+                 f"{rule.max_tokens}")
+    return rule
+
+
+def _fallback(n: Node) -> int | None:
+    # None: refuse a request whose body cannot say its cost (400 with the reason).
+    return n.integer_or("fallback", "reject", minimum=1, maximum=MAX_COST)
+
+
+def _max_body_bytes(n: Node, d: CostRule) -> int:
+    return n.integer("max_body_bytes", d.max_body_bytes, minimum=64, maximum=MAX_BODY_BYTES)

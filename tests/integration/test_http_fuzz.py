@@ -35,7 +35,7 @@ QUOTA = {"default_plan": "free", "plans": {"free": {
 PREFIX = "/check"
 STATUSES = {200, 400, 401, 403, 408, 413, 414, 429, 431, 503}
 PROTOCOL_ERRORS = {400, 408, 413, 414, 431}
-IDENTITY = {"x-auth-subject", "x-auth-issuer", "x-auth-plan", "x-authz-degraded"}
+IDENTITY = {"x-auth-subject", "x-auth-issuer", "x-auth-plan", "x-authz-degraded", "x-authz-shadow"}
 SUBJECT = "fuzz"
 
 TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from authz.config.service_file import parse_settings
+from authz.config.service_file import apply_environment, parse_settings
 from authz.config.settings import Settings
 from authz.quota.loader import parse_quota
 from authz.quota.model import Quota
@@ -32,10 +32,23 @@ def config_map(docs: Sequence[Doc]) -> Doc:
     return found[0]
 
 
+def literal_env(docs: Sequence[Doc]) -> dict[str, str]:
+    """The service container's environment variables with literal values (AUTHZ_ISSUER, ...;
+    the Secret-backed ones are not known before they are applied)."""
+    dep = next(d for d in docs if d["kind"] == "Deployment"
+               and d["metadata"]["name"] == "rate-limiter")
+    [container] = [c for c in dep["spec"]["template"]["spec"]["containers"]
+                   if c["name"] == "authz"]
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
 def settings_and_quota(docs: Sequence[Doc]) -> tuple[Settings, Quota]:
+    """What the service runs with: the ConfigMap's config.yaml with the Deployment's
+    environment overrides applied, as `load_settings` would in the pod."""
     data = config_map(docs)["data"]
     settings = parse_settings(yaml.safe_load(data["config.yaml"]), "config.yaml",
                               base_dir=Path("/etc/authz"))
+    settings = apply_environment(settings, literal_env(docs))
     assert settings.quota_file == "/etc/authz/quota.yaml", settings.quota_file
     quota = parse_quota(yaml.safe_load(data["quota.yaml"]), "quota.yaml")
     return settings, quota

@@ -39,11 +39,15 @@ _HEADER_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.!#$%&'*+^`|~")
 
 def load_settings(path: str | Path | None, *, env: Mapping[str, str] | None = None) -> Settings:
     """Read the config file (None: the embedded defaults) and apply environment overrides."""
-    environ = os.environ if env is None else env
     if path is None:
         settings = Settings()
     else:
         settings = parse_settings(load_yaml(path), str(path), base_dir=Path(path).parent)
+    return apply_environment(settings, os.environ if env is None else env)
+
+
+def apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """The `AUTHZ_*` overrides of a parsed config (README "Configuration reference")."""
     salt = environ.get("AUTHZ_SUBJECT_SALT")
     if salt:  # a secret: from the environment (a Kubernetes Secret), not the config file
         settings = _replace(settings, telemetry=_replace(settings.telemetry, subject_salt=salt))
@@ -59,7 +63,40 @@ def load_settings(path: str | Path | None, *, env: Mapping[str, str] | None = No
     if sentinel_password:  # a secret, like the URL's password: from a Kubernetes Secret
         settings = _replace(settings, store=_replace(settings.store,
                                                      sentinel_password=sentinel_password))
+    issuer, jwks_url = environ.get("AUTHZ_ISSUER"), environ.get("AUTHZ_JWKS_URL")
+    if issuer is not None or jwks_url is not None:
+        settings = _replace(settings, auth=_override_issuer(settings.auth, issuer, jwks_url))
     return settings
+
+
+def _override_issuer(auth: AuthSettings, issuer: str | None,
+                     jwks_url: str | None) -> AuthSettings:
+    """AUTHZ_ISSUER / AUTHZ_JWKS_URL replace the issuer and JWKS URL of the config's one
+    issuer, so a deployment can set them in the same place as the mesh policies that repeat
+    them (deploy/README.md, "Values to set"). With several issuers it would be a guess which
+    one is meant: refused."""
+    name = "AUTHZ_ISSUER" if issuer is not None else "AUTHZ_JWKS_URL"
+    if len(auth.issuers) != 1:
+        raise ConfigError(name, "auth.issuers", "overrides the config's only issuer, but the "
+                          f"config lists {len(auth.issuers)}: list exactly one (the override "
+                          "replaces its issuer and jwks_url) or unset the variable")
+    [current] = auth.issuers
+    if issuer is not None:
+        if not issuer.strip() or issuer != issuer.strip():
+            raise ConfigError("AUTHZ_ISSUER", "auth.issuers[0].issuer",
+                              f"expected the issuer (the tokens' iss), got {issuer!r}")
+        if issuer == DEV_ISSUER:
+            raise ConfigError("AUTHZ_ISSUER", "auth.issuers[0].issuer",
+                              f"{DEV_ISSUER!r} is reserved for the development signer")
+        current = _replace(current, issuer=issuer)
+    if jwks_url is not None:
+        if urlsplit(jwks_url).scheme not in ("https", "http") or not urlsplit(jwks_url).netloc:
+            raise ConfigError("AUTHZ_JWKS_URL", "auth.issuers[0].jwks_url",
+                              f"expected an https:// URL, got {jwks_url!r}")
+        # The URL becomes the key source: one source per issuer, as in the file.
+        current = _replace(current, jwks_url=jwks_url, jwks_file=None, pem_file=None)
+    updated: AuthSettings = _replace(auth, issuers=(current,))
+    return updated
 
 
 def parse_settings(data: Any, file: str, *, base_dir: Path | None = None) -> Settings:

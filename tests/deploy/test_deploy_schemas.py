@@ -21,7 +21,7 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
-def run_schema_check(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_schema_check(docs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     request = {
         "k8s_versions": list(K8S_VERSIONS),
         "istio_schemas": str(HERE / "schemas" / "istio-v1.yaml"),

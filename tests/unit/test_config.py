@@ -73,6 +73,51 @@ def test_env_overrides_redis_url(tmp_path: Path) -> None:
     assert s.store.redis_url == "redis://b:6379/2"
 
 
+
+ONE_ISSUER = ("auth: {issuers: [{issuer: 'https://file.example', jwks_file: keys.json, "
+              "algorithms: [RS256]}]}")
+
+
+def test_env_overrides_the_one_issuer(tmp_path: Path) -> None:
+    """AUTHZ_ISSUER / AUTHZ_JWKS_URL (deploy/: set once in an overlay's values.yaml) replace
+    the issuer and its key source; everything else about the issuer stays."""
+    f = tmp_path / "c.yaml"
+    f.write_text(ONE_ISSUER)
+    env = {"AUTHZ_ISSUER": "https://idp.example/realms/ml",
+           "AUTHZ_JWKS_URL": "https://idp.example/realms/ml/certs"}
+    [issuer] = load_settings(f, env=env).auth.issuers
+    assert issuer.issuer == "https://idp.example/realms/ml"
+    assert issuer.jwks_url == "https://idp.example/realms/ml/certs"
+    assert issuer.jwks_file is None and issuer.pem_file is None
+    assert issuer.algorithms == ("RS256",)
+    [only_issuer] = load_settings(f, env={"AUTHZ_ISSUER": "https://b.example"}).auth.issuers
+    assert only_issuer.issuer == "https://b.example"
+    assert only_issuer.jwks_file == str(tmp_path / "keys.json")
+    [unchanged] = load_settings(f, env={}).auth.issuers
+    assert unchanged.issuer == "https://file.example"
+
+
+@pytest.mark.parametrize(("config", "env", "expected"), [
+    ("auth: {issuers: []}", {"AUTHZ_ISSUER": "https://a.example"},
+     "AUTHZ_ISSUER: auth.issuers: overrides the config's only issuer, but the config lists 0"),
+    ("auth: {issuers: [{issuer: a, jwks_file: k}, {issuer: b, jwks_file: k}]}",
+     {"AUTHZ_JWKS_URL": "https://a.example/k"},
+     "AUTHZ_JWKS_URL: auth.issuers: overrides the config's only issuer, but the config lists 2"),
+    (ONE_ISSUER, {"AUTHZ_ISSUER": ""}, "AUTHZ_ISSUER: auth.issuers[0].issuer: expected the"),
+    (ONE_ISSUER, {"AUTHZ_ISSUER": " https://a.example"}, "auth.issuers[0].issuer: expected"),
+    (ONE_ISSUER, {"AUTHZ_ISSUER": DEV_ISSUER}, "'urn:authz:dev' is reserved"),
+    (ONE_ISSUER, {"AUTHZ_JWKS_URL": "idp.example/certs"},
+     "AUTHZ_JWKS_URL: auth.issuers[0].jwks_url: expected an https:// URL"),
+    (ONE_ISSUER, {"AUTHZ_JWKS_URL": ""}, "AUTHZ_JWKS_URL: auth.issuers[0].jwks_url: expected"),
+])
+def test_issuer_overrides_are_checked(tmp_path: Path, config: str, env: dict[str, str],
+                                      expected: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(config)
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, env=env)
+    assert expected in str(e.value)
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

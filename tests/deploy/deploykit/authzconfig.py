@@ -9,19 +9,32 @@ from typing import Any
 
 import yaml
 
-from authz.config.service_file import parse_settings
+from authz.config.service_file import apply_environment, parse_settings
 from authz.config.settings import Settings
 from authz.quota.loader import parse_quota
 from authz.quota.model import Quota
 
+from . import render
 from .invariants import AuthzView
 from .render import Doc
 from .tools import DEPLOY
 
 REGISTRATION_DIR = DEPLOY / "istio"
-# The workload the CUSTOM policy protects (design document: app=inference-service).
+# The workload the CUSTOM policy protects in the full overlays (design document:
+# app=inference-service); the minimal ones take it from their values.yaml (`workload`).
 WORKLOAD_NAMESPACE = "ml-serving"
 WORKLOAD_LABELS = {"app": "inference-service"}
+
+
+def workload(overlay: str) -> tuple[str, dict[str, str], str | None]:
+    """(namespace, pod labels, waypoint Gateway or None) the overlay's CUSTOM policy is for,
+    as its values.yaml says (the full overlays: the design document's workload)."""
+    spec = render.values(overlay)
+    if "namespace" not in spec:
+        return WORKLOAD_NAMESPACE, dict(WORKLOAD_LABELS), None
+    if "waypoint" in spec:
+        return spec["namespace"], {}, spec["waypoint"]
+    return spec["namespace"], dict(spec["workloadSelector"]["matchLabels"]), None
 
 
 def config_map(docs: Sequence[Doc]) -> Doc:
@@ -32,10 +45,23 @@ def config_map(docs: Sequence[Doc]) -> Doc:
     return found[0]
 
 
+def literal_env(docs: Sequence[Doc]) -> dict[str, str]:
+    """The service container's environment variables with literal values (AUTHZ_ISSUER, ...;
+    the Secret-backed ones are not known before they are applied)."""
+    dep = next(d for d in docs if d["kind"] == "Deployment"
+               and d["metadata"]["name"] == "rate-limiter")
+    [container] = [c for c in dep["spec"]["template"]["spec"]["containers"]
+                   if c["name"] == "authz"]
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
 def settings_and_quota(docs: Sequence[Doc]) -> tuple[Settings, Quota]:
+    """What the service runs with: the ConfigMap's config.yaml with the Deployment's
+    environment overrides applied, as `load_settings` would in the pod."""
     data = config_map(docs)["data"]
     settings = parse_settings(yaml.safe_load(data["config.yaml"]), "config.yaml",
                               base_dir=Path("/etc/authz"))
+    settings = apply_environment(settings, literal_env(docs))
     assert settings.quota_file == "/etc/authz/quota.yaml", settings.quota_file
     quota = parse_quota(yaml.safe_load(data["quota.yaml"]), "quota.yaml")
     return settings, quota
@@ -72,11 +98,13 @@ def provider(name: str) -> dict[str, Any]:
     return found
 
 
-def view(docs: Sequence[Doc]) -> AuthzView:
+def view(docs: Sequence[Doc], overlay: str | None = None) -> AuthzView:
     settings, _ = settings_and_quota(docs)
     [issuer] = settings.auth.issuers
     registered = provider(GRPC_PROVIDER)
     host = registered["envoyExtAuthzGrpc"]["service"]
+    namespace, labels, gateway = (workload(overlay) if overlay
+                                  else (WORKLOAD_NAMESPACE, WORKLOAD_LABELS, None))
     return AuthzView(
         protected_prefixes=settings.paths.protected_prefixes,
         public_paths=settings.paths.public_paths,
@@ -86,6 +114,7 @@ def view(docs: Sequence[Doc]) -> AuthzView:
         provider=registered["name"],
         provider_host=host,
         provider_namespace=host.split(".")[1],
-        workload_namespace=WORKLOAD_NAMESPACE,
-        workload_labels=WORKLOAD_LABELS,
+        workload_namespace=namespace,
+        workload_labels=labels,
+        workload_gateway=gateway,
     )

@@ -41,6 +41,8 @@ class AuthzView:
     provider_namespace: str
     workload_namespace: str
     workload_labels: Mapping[str, str]
+    # Ambient: the waypoint Gateway the CUSTOM policy is attached to (None: the pods' sidecars).
+    workload_gateway: str | None = None
 
 
 def _sample(pattern: str) -> str:
@@ -115,6 +117,23 @@ def protected_path_problems(docs: Sequence[Doc], view: AuthzView) -> list[str]:
     for public in view.public_paths:
         if not istio.evaluate(docs, ns, labels, istio.Request("GET", public)).allowed:
             problems.append(f"public path GET {public} is denied")
+    return problems
+
+
+def custom_coverage_problems(docs: Sequence[Doc], view: AuthzView) -> list[str]:
+    """What overlays/minimal promises: every protected prefix reaches the CUSTOM provider at
+    the enforcement point (the selected pods' sidecars, or the waypoint), with or without a
+    token, so the service's own token check and quotas apply to each of them."""
+    problems = []
+    ns, labels, gateway = view.workload_namespace, view.workload_labels, view.workload_gateway
+    where = f"waypoint {ns}/{gateway}" if gateway else f"{ns} {dict(labels)}"
+    for prefix in view.protected_prefixes:
+        path = prefix + "example-model/infer"
+        for method in ("GET", "POST"):
+            verdict = istio.evaluate(docs, ns, labels, istio.Request(method, path), gateway)
+            if verdict.custom_providers != (view.provider,):
+                problems.append(f"{method} {path} at {where} goes to CUSTOM providers "
+                                f"{verdict.custom_providers}, not only {view.provider!r}")
     return problems
 
 

@@ -133,7 +133,59 @@ def _check_path_pattern(where: str, path: str) -> list[str]:
     return [f"{where}: path {path!r}: only prefix, suffix or presence matches are supported"]
 
 
+GATEWAY_API = "gateway.networking.k8s.io"
+# What an AuthorizationPolicy may target (istio/istio pkg/config/validation, allowedTargetRefs,
+# and pilot/pkg/model/authorization.go for HTTPRoute), as (group, kind).
+_TARGET_KINDS = {("", "Service"), ("networking.istio.io", "ServiceEntry"),
+                 (GATEWAY_API, "Gateway"), (GATEWAY_API, "GatewayClass"),
+                 (GATEWAY_API, "HTTPRoute")}
+
+
+def target_refs(policy: Doc) -> list[Mapping[str, Any]]:
+    spec = policy.get("spec", {})
+    return list(spec.get("targetRefs") or []) + ([spec["targetRef"]] if spec.get("targetRef")
+                                                  else [])
+
+
+def _target_ref_problems(ap: Doc, docs: Iterable[Doc]) -> list[str]:
+    """The attachment rules (docs/research Q3): targetRefs or a selector, never both; no
+    cross-namespace reference; a Gateway target only from the Gateway's namespace (the
+    waypoint attaches policies of its own namespace only); CUSTOM never on an HTTPRoute (istiod
+    indexes only ALLOW and DENY for HTTPRoute targets: the policy would silently do nothing)."""
+    where, spec = _name(ap), ap.get("spec", {})
+    refs = target_refs(ap)
+    if not refs:
+        return []
+    problems = []
+    namespace = ap.get("metadata", {}).get("namespace")
+    if spec.get("selector"):
+        problems.append(f"{where}: only one of targetRefs or selector can be set")
+    for ref in refs:
+        group, kind, name = ref.get("group", ""), ref.get("kind"), ref.get("name")
+        if (group, kind) not in _TARGET_KINDS:
+            problems.append(f"{where}: cannot target {kind} of group {group!r}")
+        if ref.get("namespace"):
+            problems.append(f"{where}: targetRef namespace must not be set; cross namespace "
+                            "referencing is not supported")
+        if kind == "HTTPRoute" and spec.get("action") == "CUSTOM":
+            problems.append(f"{where}: CUSTOM cannot target an HTTPRoute (never enforced); "
+                            "target the waypoint Gateway")
+        if kind == "GatewayClass" and namespace != "istio-system":
+            problems.append(f"{where}: a GatewayClass target applies only from the root "
+                            "namespace")
+        if (group, kind) == (GATEWAY_API, "Gateway"):
+            elsewhere = [g for g in _of(docs, "Gateway")
+                         if g.get("metadata", {}).get("name") == name
+                         and g.get("metadata", {}).get("namespace") != namespace]
+            if elsewhere:
+                problems.append(f"{where}: targets Gateway {name!r} of namespace "
+                                f"{elsewhere[0]['metadata'].get('namespace')}: a waypoint "
+                                "attaches only policies of its own namespace")
+    return problems
+
+
 def check_authorization_policies(docs: Iterable[Doc], providers: Sequence[str]) -> list[str]:
+    docs = list(docs)
     problems = []
     for ap in _of(docs, "AuthorizationPolicy"):
         where = _name(ap)
@@ -150,6 +202,7 @@ def check_authorization_policies(docs: Iterable[Doc], providers: Sequence[str]) 
                     "matched requests with 403")
         elif spec.get("provider"):
             problems.append(f"{where}: provider is only valid with action CUSTOM")
+        problems += _target_ref_problems(ap, docs)
         for i, rule in enumerate(spec.get("rules") or []):
             rwhere = f"{where} rule {i}"
             for src in rule.get("from") or []:
@@ -287,10 +340,20 @@ def policy_matches(policy: Doc, req: Request) -> bool:
 
 
 def selecting(docs: Iterable[Doc], kind: str, namespace: str,
-              labels: Mapping[str, str]) -> list[Doc]:
+              labels: Mapping[str, str], gateway: str | None = None) -> list[Doc]:
+    """The objects of `kind` that apply to the pods with `labels` in `namespace` (selector, or
+    namespace-wide), or with `gateway` to that namespace's waypoint Gateway (targetRefs). A
+    policy with targetRefs never applies to the pods themselves, and under ambient the pods'
+    selector policies are ztunnel's, never the waypoint's."""
     out = []
     for d in _of(docs, kind):
         if d.get("metadata", {}).get("namespace") != namespace:
+            continue
+        refs = target_refs(d)
+        if gateway is not None or refs:
+            if any(r.get("group") == GATEWAY_API and r.get("kind") == "Gateway"
+                   and r.get("name") == gateway for r in refs):
+                out.append(d)
             continue
         spec = d.get("spec", {})
         selector = spec.get("selector")
@@ -309,9 +372,10 @@ class Verdict:
 
 
 def evaluate(docs: Iterable[Doc], namespace: str, labels: Mapping[str, str],
-             req: Request) -> Verdict:
+             req: Request, gateway: str | None = None) -> Verdict:
+    """The policies' verdict at the pods' sidecar, or with `gateway` at the waypoint."""
     docs = list(docs)
-    policies = selecting(docs, "AuthorizationPolicy", namespace, labels)
+    policies = selecting(docs, "AuthorizationPolicy", namespace, labels, gateway)
     custom = tuple(p["spec"]["provider"]["name"] for p in policies
                    if p["spec"].get("action") == "CUSTOM" and policy_matches(p, req))
     if any(p["spec"].get("action") == "DENY" and policy_matches(p, req) for p in policies):

@@ -13,7 +13,11 @@ import yaml
 from .tools import DEPLOY, kubectl
 
 Doc = dict[str, Any]
-OVERLAYS = ("dev", "production")
+# With the ML namespaces' policies (components/namespace-policies).
+FULL_OVERLAYS = ("dev", "production")
+# The service and one CUSTOM policy (sidecar selector, or the ambient waypoint).
+MINIMAL_OVERLAYS = ("minimal", "minimal-ambient")
+OVERLAYS = FULL_OVERLAYS + MINIMAL_OVERLAYS
 
 # Kinds served by Kubernetes itself (validated with kubernetes-validate); everything else is
 # a CRD kind validated elsewhere.
@@ -75,6 +79,51 @@ def render_with_components(overlay: str, components: Iterable[str]) -> list[Doc]
         lines += [f"  - {rel(DEPLOY / 'components' / c)}" for c in components]
         (Path(tmp) / "kustomization.yaml").write_text("\n".join(lines) + "\n")
         return load_docs(kustomize(Path(tmp)), f"{overlay} + {', '.join(components)}")
+
+
+def values(overlay: str) -> dict[str, Any]:
+    """The overlay's values.yaml (InstallValues `spec`): what the user sets in one place."""
+    doc = yaml.safe_load((DEPLOY / "overlays" / overlay / "values.yaml").read_text())
+    assert doc["kind"] == "InstallValues", doc["kind"]
+    return dict(doc["spec"])
+
+
+def render_variant(overlay: str, values_changes: dict[str, Any] | None = None,
+                   components: dict[str, str | None] | None = None) -> list[Doc]:
+    """The overlay as a user would edit it: a copy with some values.yaml entries changed and
+    some components replaced (name -> other name, or None to drop it), rendered from a
+    temporary directory (its relative paths rewritten to point at deploy/ again)."""
+    import os
+    import shutil
+    import tempfile
+
+    source = DEPLOY / "overlays" / overlay
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shutil.copytree(source, root, dirs_exist_ok=True)
+        kust = yaml.safe_load((root / "kustomization.yaml").read_text())
+
+        def rel(entry: str) -> str:
+            if not entry.startswith(".."):
+                return entry
+            return os.path.relpath((source / entry).resolve(), root)
+
+        swapped = []
+        for entry in kust.get("components", []):
+            name = Path(entry).name
+            if components and name in components:
+                if components[name] is None:
+                    continue
+                entry = f"../../components/{components[name]}"
+            swapped.append(rel(entry))
+        kust["components"] = swapped
+        kust["resources"] = [rel(e) for e in kust.get("resources", [])]
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(kust, sort_keys=False))
+        if values_changes:
+            doc = yaml.safe_load((root / "values.yaml").read_text())
+            doc["spec"].update(values_changes)
+            (root / "values.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        return load_docs(kustomize(root), f"{overlay} (edited copy)")
 
 
 def find(docs: Iterable[Doc], kind: str, name: str | None = None,

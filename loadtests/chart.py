@@ -43,6 +43,11 @@ def _nice_max(value: float) -> float:
     return k * 10
 
 
+def _label(v: float) -> str:
+    """An axis or bar label: whole thousands with separators, small values to 3 digits."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _panel(series: dict[str, list[float]], title: str, unit: str, top: float) -> list[str]:
     """One bar panel; `series`: server -> value per round. `top`: y offset of the panel."""
     out: list[str] = []
@@ -59,7 +64,7 @@ def _panel(series: dict[str, list[float]], title: str, unit: str, top: float) ->
         out.append(f'<line x1="{MARGIN_L}" y1="{y:.1f}" x2="{MARGIN_L + plot_w}" y2="{y:.1f}" '
                    'stroke="#ddd"/>')
         out.append(f'<text x="{MARGIN_L - 6}" y="{y + 4:.1f}" font-size="11" '
-                   f'text-anchor="end">{v:,.4g}</text>')
+                   f'text-anchor="end">{_label(v)}</text>')
     out.append(f'<text x="14" y="{top + MARGIN_T + plot_h / 2:.1f}" font-size="11" '
                f'transform="rotate(-90 14 {top + MARGIN_T + plot_h / 2:.1f})" '
                f'text-anchor="middle">{escape(unit)}</text>')
@@ -81,6 +86,11 @@ def _panel(series: dict[str, list[float]], title: str, unit: str, top: float) ->
             out.append(f'<line x1="{x_start - 2:.1f}" y1="{y:.1f}" '
                        f'x2="{x_start + bar_w * len(values) + 1:.1f}" y2="{y:.1f}" '
                        'stroke="#000" stroke-width="1.5"/>')
+            # The median in figures above the group: a short bar beside a tall one stays
+            # readable (the HTTP floor is ~30x the gRPC one).
+            label_y = y0 - plot_h * max(values) / peak - 5
+            out.append(f'<text x="{x_start + bar_w * len(values) / 2:.1f}" y="{label_y:.1f}" '
+                       f'font-size="11" text-anchor="middle">{_label(median)}</text>')
         cx = MARGIN_L + g * group_w + group_w / 2
         out.append(f'<text x="{cx:.1f}" y="{y0 + 14}" font-size="11" text-anchor="end" '
                    f'transform="rotate(-35 {cx:.1f} {y0 + 14})">{escape(name)}</text>')

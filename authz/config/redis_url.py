@@ -3,8 +3,8 @@
 Pure parsing (the standard library's urllib.parse, the URL forms redis-py's `from_url`
 accepts, then our checks): the config loader reports a bad URL naming the key, and the Redis
 store connects to the RedisAddress it yields. redis-py's own `parse_url` did this before; its
-import alone cost the service 13.7 MB of RSS and ~0.2 s of start-up (measured: RSS before and
-after `import redis.asyncio.connection`; `python -X importtime`), for one function the rest of
+import alone cost the service 6 MB of RSS (`authz serve --dev` after start: 73.2 MB with it,
+67.2 MB without) and ~0.2 s of start-up (`python -X importtime`), for one function the rest of
 the service never calls.
 
 redis://[[user]:password@]host[:port][/db], rediss://... (TLS), unix://[[user]:password@]/path

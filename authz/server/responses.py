@@ -56,7 +56,9 @@ def to_check_response(d: Decision) -> pb.CheckResponse:
 
 
 # Bounded caches below: keys are caller-influenced (subjects), so past the cap they stop growing
-# and fall back to building. 10k entries of ~200-byte messages is ~2-4 MB.
+# and fall back to building. They hold serialized messages: 10k built CheckResponses take
+# ~15 MB (upb keeps an arena and the Python wrappers of every sub-message), their bytes
+# ~1.5 MB, and FromString (~1.0 us) is as fast as CopyFrom from a kept message (~1.1 us).
 _CACHE_MAX = 10_000
 
 
@@ -67,14 +69,15 @@ class ResponseCache:
       by the Decision object's identity: Answers returns the same object for them and
       the cache keeps a reference, so the id cannot be reused.
     - An allow's identity part (upstream headers) repeats for every request of a caller: it is
-      cached and copied (CopyFrom ~1 us), and only the RateLimit headers are added.
-    - Denies with the same headers and body (a caller hammering past its limit) are cached whole.
+      cached serialized and parsed again (~1 us), and only the RateLimit headers are added.
+    - Denies with the same headers and body (a caller hammering past its limit) are cached
+      whole, serialized.
     """
 
     def __init__(self) -> None:
         self._by_id: dict[int, tuple[Decision, pb.CheckResponse]] = {}
-        self._allow_base: dict[tuple[Headers, tuple[str, ...]], pb.CheckResponse] = {}
-        self._denied: dict[tuple[int, str, Headers, str], pb.CheckResponse] = {}
+        self._allow_base: dict[tuple[Headers, tuple[str, ...]], bytes] = {}
+        self._denied: dict[tuple[int, str, Headers, str], bytes] = {}
 
     def get(self, d: Decision) -> pb.CheckResponse:
         hit = self._by_id.get(id(d))
@@ -84,19 +87,20 @@ class ResponseCache:
             key = (d.upstream_headers, d.remove_headers)
             base = self._allow_base.get(key)
             if base is None:
-                base = to_check_response(dataclasses.replace(d, response_headers=()))
+                r = to_check_response(dataclasses.replace(d, response_headers=()))
                 if len(self._allow_base) < _CACHE_MAX:
-                    self._allow_base[key] = base
-            r = pb.CheckResponse()
-            r.CopyFrom(base)
+                    self._allow_base[key] = r.SerializeToString()
+            else:
+                r = pb.CheckResponse.FromString(base)
             _add(r.ok_response.response_headers_to_add, d.response_headers)
             return r
         dkey = (d.status, d.reason, d.response_headers, d.body)
-        resp = self._denied.get(dkey)
-        if resp is None:
-            resp = to_check_response(d)
-            if len(self._denied) < _CACHE_MAX:
-                self._denied[dkey] = resp
+        denied = self._denied.get(dkey)
+        if denied is not None:
+            return pb.CheckResponse.FromString(denied)
+        resp = to_check_response(d)
+        if len(self._denied) < _CACHE_MAX:
+            self._denied[dkey] = resp.SerializeToString()
         return resp
 
     def prebuild(self, d: Decision) -> None:

@@ -22,6 +22,7 @@ import dataclasses
 from http import HTTPStatus
 
 from ..decision import Decision, Headers, Outcome
+from . import check_flow
 
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 # The end of an answer's head, per what the connection does next.
@@ -30,10 +31,6 @@ END_CLOSE = b"connection: close\r\n\r\n"
 # HTTP/1.0 closes after every answer unless the request asked for keep-alive and the answer
 # says it too.
 END_KEEP_ALIVE_1_0 = b"connection: keep-alive\r\n\r\n"
-
-# Bounded caches: keys are caller-influenced (subjects). Past the cap they stop growing and
-# answers are built each time; 10k entries of ~200 bytes is ~2 MB.
-_CACHE_MAX = 10_000
 
 
 def status_line(status: int) -> bytes:
@@ -91,43 +88,17 @@ EDGE_ERRORS = (MALFORMED, HEADERS_TOO_LARGE, URI_TOO_LONG, BODY_TOO_LARGE, REQUE
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class AnswerCache:
-    """Builds answers, reusing what repeats (the HTTP twin of responses.ResponseCache).
+class AnswerCache(check_flow.AnswerCache[Answer]):
+    """Answers, reused as check_flow.AnswerCache says: an allow's identity part is kept as the
+    bytes of its head, and only the RateLimit lines are added."""
 
-    - Decisions that never vary (401s, 400s, public paths) are built once (`prebuild`), keyed
-      by the Decision object's identity: Answers returns the same object for them and the cache
-      keeps a reference, so the id cannot be reused.
-    - An allow's identity part repeats for every request of a caller: its bytes are cached and
-      only the RateLimit lines are added.
-    - Denies with the same status, headers and body are cached whole.
-    """
+    def build(self, d: Decision) -> Answer:
+        return to_answer(d)
 
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[Decision, Answer]] = {}
-        self._allow_base: dict[tuple[Headers, tuple[str, ...]], bytes] = {}
-        self._denied: dict[tuple[int, str, Headers, str], Answer] = {}
+    def _base(self, allow: Decision) -> bytes:
+        return to_answer(allow).head
 
-    def prebuild(self, d: Decision) -> None:
-        self._by_id[id(d)] = (d, to_answer(d))
-
-    def get(self, d: Decision) -> Answer:
-        hit = self._by_id.get(id(d))
-        if hit is not None:
-            return hit[1]
-        if d.allowed:
-            key = (d.upstream_headers, d.remove_headers)
-            base = self._allow_base.get(key)
-            if base is None:
-                base = to_answer(dataclasses.replace(d, response_headers=())).head
-                if len(self._allow_base) < _CACHE_MAX:
-                    self._allow_base[key] = base
-            if not d.response_headers:
-                return Answer(base, b"")
-            return Answer(base + _lines(d.response_headers).encode("ascii"), b"")
-        dkey = (d.status, d.reason, d.response_headers, d.body)
-        answer = self._denied.get(dkey)
-        if answer is None:
-            answer = to_answer(d)
-            if len(self._denied) < _CACHE_MAX:
-                self._denied[dkey] = answer
-        return answer
+    def _allow(self, base: bytes, d: Decision) -> Answer:
+        if not d.response_headers:
+            return Answer(base, b"")
+        return Answer(base + _lines(d.response_headers).encode("ascii"), b"")

@@ -25,18 +25,16 @@ import contextlib
 import logging
 import socket
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from ..decision import Decision
-from ..log_throttle import ThrottledLog
 from ..pipeline import CheckPipeline
-from ..tokens.identity import TokenFailure
 from . import http_answers as ha
-from .http_answers import Answer, AnswerCache
+from .check_flow import CheckFlow
+from .http_answers import Answer
 
 if TYPE_CHECKING:
     from ..telemetry.protocol import CheckTelemetry
@@ -118,12 +116,8 @@ class HttpEdge:
         self.telemetry = telemetry
         self.path_prefix = path_prefix
         self.limits = limits or HttpLimits()
-        self.answers = AnswerCache()
-        a = pipeline.answers
-        for d in (a.public(), a.other_path(), a.internal_error(), a.not_ready(),
-                  *(a.unauthenticated(f) for f in TokenFailure), *ha.EDGE_ERRORS):
-            self.answers.prebuild(d)
-        self._internal = ha.to_answer(a.internal_error())
+        self.flow = CheckFlow(pipeline, telemetry, ha.AnswerCache(), no_path=ha.OUTSIDE_PREFIX,
+                              fixed=ha.EDGE_ERRORS)
         self.connections: set[HttpConnection] = set()
         self.inflight = 0  # checks being decided
         self.port = 0
@@ -131,12 +125,6 @@ class HttpEdge:
         self._sweeper: asyncio.TimerHandle | None = None
         self._draining = False
         self._all_closed: asyncio.Event | None = None  # set once draining has closed them all
-        status = a.internal_error().status
-        self.decide_failed = ThrottledLog(
-            log, logging.ERROR, f"internal error while deciding (answered {status})")
-        self.respond_failed = ThrottledLog(log, logging.ERROR,
-                                           "internal error while building the answer")
-        self.telemetry_failed = ThrottledLog(log, logging.ERROR, "telemetry failed")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -200,24 +188,6 @@ class HttpEdge:
         if url.startswith(prefix) and url[len(prefix):len(prefix) + 1] == "/":
             return url[len(prefix):]
         return None
-
-    async def decide(self, path: str | None, headers: Mapping[str, str],
-                     body: bytes | None = None) -> tuple[Decision, str | None]:
-        if path is None:
-            return ha.OUTSIDE_PREFIX, None
-        try:
-            return await self.pipeline.decide(path, headers, body)
-        except Exception as e:
-            self.decide_failed(repr(e), exc_info=e)
-            return self.pipeline.answers.internal_error(), None
-
-    def answer(self, decision: Decision) -> tuple[Decision, Answer]:
-        try:
-            return decision, self.answers.get(decision)
-        except Exception as e:
-            self.respond_failed(repr(e), exc_info=e)
-            return self.pipeline.answers.internal_error(), self._internal
-
 
 class HttpConnection(asyncio.Protocol):
     """One connection from Envoy: requests parsed as they arrive, answered in order."""
@@ -445,23 +415,8 @@ class HttpConnection(asyncio.Protocol):
     async def _check(self, request: _Request) -> None:
         edge = self.edge
         try:
-            path = edge.path_of(request.url)
-            headers = request.headers
-            telemetry = edge.telemetry
-            if telemetry is None:
-                answer = edge.answer((await edge.decide(path, headers, request.body))[0])[1]
-            else:
-                scope = telemetry.start_check(headers, http_method=request.method)
-                with scope:
-                    decision, subject = await edge.decide(path, headers, request.body)
-                    decision, answer = edge.answer(decision)
-                    try:
-                        telemetry.finish_check(scope, decision, subject, path=path or "")
-                    except Exception as e:
-                        edge.telemetry_failed(repr(e), exc_info=e)
-        except Exception as e:  # a bug above: still an explicit answer, never a hang
-            edge.respond_failed(repr(e), exc_info=e)
-            answer = edge._internal
+            answer = await edge.flow.check(edge.path_of(request.url), request.headers,
+                                           request.body, request.method)
         finally:
             edge.inflight -= 1
             self._busy = False
@@ -469,7 +424,7 @@ class HttpConnection(asyncio.Protocol):
             self._send(answer, request.close, request.http_1_0, request.method == "HEAD")
             self._next()
         except Exception as e:  # the transport failed under us: drop the connection
-            edge.respond_failed(repr(e), exc_info=e)
+            edge.flow.respond_failed(repr(e), exc_info=e)
             if self.transport is not None:
                 self.transport.abort()
 
@@ -480,8 +435,8 @@ class HttpConnection(asyncio.Protocol):
                 scope = telemetry.start_check({})
                 telemetry.finish_check(scope, decision)
             except Exception as e:
-                self.edge.telemetry_failed(repr(e), exc_info=e)
-        self._send(self.edge.answers.get(decision), True, False, False)
+                self.edge.flow.telemetry_failed(repr(e), exc_info=e)
+        self._send(self.edge.flow.answers.get(decision), True, False, False)
         self._close()
 
     def _close(self) -> None:

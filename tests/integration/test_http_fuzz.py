@@ -25,6 +25,7 @@ from authz.config.service_file import parse_settings
 from authz.quota import parse_quota
 from authz.server.app import Server
 from authz.server.http_answers import REMOVE_HEADER
+from tests.support.bearer_strategies import authorization
 from tests.support.http_check import Response, check_request, exchange
 from tests.support.issuer import TestIssuer
 from tests.support.redis_server import RedisServer, free_port
@@ -59,27 +60,8 @@ PATHS = st.one_of(
 METHODS = st.sampled_from(["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
 
 
-@st.composite
-def tokens(draw: st.DrawFn, valid: str) -> str | None:
-    kind = draw(st.sampled_from(["valid", "none", "garbage", "truncated", "flipped", "scheme",
-                                 "doubled", "huge"]))
-    if kind == "valid":
-        return f"Bearer {valid}"
-    if kind == "none":
-        return None
-    if kind == "garbage":
-        return draw(HEADER_VALUES)
-    if kind == "truncated":
-        return f"Bearer {valid[:draw(st.integers(0, len(valid) - 1))]}"
-    if kind == "flipped":
-        i = draw(st.integers(0, len(valid) - 1))
-        c = "A" if valid[i] != "A" else "B"
-        return f"Bearer {valid[:i]}{c}{valid[i + 1:]}"
-    if kind == "scheme":
-        return f"{draw(st.sampled_from(['Basic', 'bearer', 'Bearer ', 'Token']))} {valid}"
-    if kind == "doubled":
-        return f"Bearer {valid},Bearer {valid}"
-    return "Bearer " + "a" * draw(st.integers(8000, 90000))
+def tokens(valid: str) -> st.SearchStrategy[str | None]:
+    return authorization(valid, HEADER_VALUES, huge_max=90_000)
 
 
 @st.composite

@@ -24,6 +24,7 @@ from authz.paths import PathClassifier, PathKind
 from authz.quota import parse_quota
 from authz.server.app import build_components
 from authz.server.service import request_headers
+from tests.support.bearer_strategies import authorization
 from tests.support.issuer import TestIssuer
 from tests.support.redis_server import RedisServer
 
@@ -78,27 +79,8 @@ def bodies(draw: st.DrawFn, http: Any) -> None:
             http.raw_body = text.encode()
 
 
-@st.composite
-def tokens(draw: st.DrawFn, valid: str) -> str | None:
-    kind = draw(st.sampled_from(["valid", "none", "garbage", "truncated", "flipped", "scheme",
-                                 "doubled", "huge"]))
-    if kind == "valid":
-        return f"Bearer {valid}"
-    if kind == "none":
-        return None
-    if kind == "garbage":
-        return draw(TEXT)
-    if kind == "truncated":
-        return f"Bearer {valid[:draw(st.integers(0, len(valid) - 1))]}"
-    if kind == "flipped":
-        i = draw(st.integers(0, len(valid) - 1))
-        c = "A" if valid[i] != "A" else "B"
-        return f"Bearer {valid[:i]}{c}{valid[i + 1:]}"
-    if kind == "scheme":
-        return f"{draw(st.sampled_from(['Basic', 'bearer', 'Bearer  ', 'Token']))} {valid}"
-    if kind == "doubled":
-        return f"Bearer {valid},Bearer {valid}"
-    return "Bearer " + "a" * draw(st.integers(8000, 70000))
+def tokens(valid: str) -> st.SearchStrategy[str | None]:
+    return authorization(valid, TEXT, huge_max=70_000)
 
 
 @st.composite

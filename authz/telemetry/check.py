@@ -25,7 +25,7 @@ from authz.config.settings import Settings
 from authz.decision import Decision, Outcome
 from authz.telemetry.logs import DenySampler, parse_level
 from authz.telemetry.metrics import Counts
-from authz.telemetry.propagation import Extractor, unsampled_parent
+from authz.telemetry.propagation import Extractor, w3c_parent
 
 _log = logging.getLogger("authz.telemetry")
 _deny_log = logging.getLogger("authz.deny")
@@ -156,9 +156,9 @@ class CheckRecorder:
         self._tracer = tracer
         self._extract = extract
         self._skip_unsampled = skip_unsampled
-        # The default propagators read `traceparent` first: an unsampled one can be told from
-        # the header alone (propagation.unsampled_parent), without the propagator's machinery.
-        self._w3c_first = w3c_first and skip_unsampled
+        # The default propagators read `traceparent` first: a plain one is read without the
+        # propagator's machinery (propagation.w3c_parent).
+        self._w3c_first = w3c_first
 
     # ---- the check path -------------------------------------------------------------------
 
@@ -174,24 +174,12 @@ class CheckRecorder:
         if tracer is None:
             return CheckScope(self, start, None, None, http)
         try:
-            # Without trace headers the check span is a root: never the child of whatever
-            # context happens to be current.
-            parent = _EMPTY
-            if self._w3c_first:
-                traceparent = headers.get("traceparent")
-                if traceparent is not None:
-                    unsampled = unsampled_parent(traceparent)
-                    if unsampled is not None:
-                        return CheckScope(self, start, None, unsampled, http)
-            if self._extract is not None:
-                parent = self._extract(headers) or _EMPTY
-                if self._skip_unsampled:
-                    caller = trace.get_current_span(parent).get_span_context()
-                    if caller.is_valid and not caller.trace_flags.sampled:
-                        # The sampler would drop this span (the mesh samples ~1%): make none,
-                        # but make the caller's context current, so store/JWKS child spans are
-                        # dropped too and the logs carry its trace id.
-                        return CheckScope(self, start, None, parent, http)
+            parent, dropped = self._caller(headers)
+            if dropped:
+                # The sampler would drop this span (the mesh samples ~1%): make none, but make
+                # the caller's context current, so store/JWKS child spans are dropped too and
+                # the logs carry its trace id.
+                return CheckScope(self, start, None, parent, http)
             if http_method is None:
                 span = tracer.start_span(SPAN_NAME, parent, SpanKind.SERVER, RPC_ATTRIBUTES)
             else:
@@ -203,6 +191,32 @@ class CheckRecorder:
         except Exception:
             _log.exception("starting the check span failed")
             return CheckScope(self, start, None, None, http)
+
+    def _caller(self, headers: Mapping[str, str]) -> tuple[otel_context.Context, bool]:
+        """The caller's context from the trace headers (empty without any, or when they cannot
+        be read: the check span is then a root, never the child of whatever context happens to
+        be current), and whether the sampler is sure to drop the check's span (a parent-based
+        sampler and a caller that is not sampled)."""
+        if self._w3c_first:
+            traceparent = headers.get("traceparent")
+            if traceparent is not None:
+                found = w3c_parent(traceparent)
+                if found is not None:
+                    caller, sampled = found
+                    if not sampled and self._skip_unsampled:
+                        return caller, True
+                    # Otherwise the span is ours to make, and it carries the caller's
+                    # tracestate: only the propagator reads that header.
+                    if "tracestate" not in headers:
+                        return caller, False
+        if self._extract is None:
+            return _EMPTY, False
+        parent = self._extract(headers) or _EMPTY
+        if self._skip_unsampled:
+            context = trace.get_current_span(parent).get_span_context()
+            if context.is_valid and not context.trace_flags.sampled:
+                return parent, True
+        return parent, False
 
     def finish_check(
         self,

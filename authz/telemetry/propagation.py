@@ -109,18 +109,23 @@ def _default_propagators() -> tuple[TextMapPropagator, TextMapPropagator | None]
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
-def unsampled_parent(traceparent: str) -> Context | None:
-    """The caller's context when `traceparent` is valid and says "not sampled", else None.
+def w3c_parent(traceparent: str) -> tuple[Context, bool] | None:
+    """The caller's context from a plain `traceparent` (version-traceid-parentid-flags, nothing
+    around it) and whether it is sampled; None for anything else, which the W3C propagator then
+    reads (it also takes surrounding blanks and later versions' extra fields, or refuses).
 
-    The same context the W3C propagator builds (a remote, non-recording parent), without its
-    general machinery: under parent-based sampling this is most requests of a mesh (it
-    samples ~1%), and none of them gets a span of ours."""
+    The same context the propagator builds (a remote, non-recording parent) for a request
+    without `tracestate` (tests/telemetry/test_trace_headers.py shows it on any header), without
+    its general machinery: 2.1 us against 3.9 us per check (`timeit`, this machine). Under
+    parent-based sampling most of a mesh's requests are unsampled and get no span of ours; with
+    every check traced it is one of the few costs on that path that are ours to cut."""
     m = _TRACEPARENT.fullmatch(traceparent)
     if m is None:
         return None
     version, trace_id, span_id, flags = m.groups()
-    if version == "ff" or int(flags, 16) & 1 or trace_id == "0" * 32 or span_id == "0" * 16:
+    if version == "ff" or trace_id == "0" * 32 or span_id == "0" * 16:
         return None
+    trace_flags = TraceFlags(int(flags, 16))
     parent = NonRecordingSpan(SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
-                                          trace_flags=TraceFlags(int(flags, 16))))
-    return set_span_in_context(parent, _EMPTY)
+                                          trace_flags=trace_flags))
+    return set_span_in_context(parent, _EMPTY), trace_flags.sampled

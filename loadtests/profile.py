@@ -3,6 +3,13 @@
     python -m loadtests.profile full-redis --seconds 10        # or floor, naive, full-memory
     python -m loadtests.profile full-redis --native           # include C frames (grpc core)
 
+py-spy pauses the server for each sample and takes it only while Python holds the GIL
+(`--gil`): the stacks are whole, and time in C with the GIL held (grpc's Cython and core, uvloop)
+shows as the event loop's own frame. `--nonblocking` samples without pausing, which disturbs the
+server least but mixes frames from different moments into one stack (seen here: `Logger.debug`
+"called by" `_Link.send`), so its per-function shares are not to be trusted. `--native` unwinds
+C stacks too and slows the server ~15x.
+
 The server runs pinned to core 0 (h2load and Redis on core 1), exactly as in the benchmark. The
 output is py-spy's collapsed stacks (speedscope.app or flamegraph.pl draw them) plus a text
 summary: the share of samples in each function, inclusive ("in this or below") and exclusive
@@ -62,11 +69,38 @@ def summarize(raw: Path, top: int = 40) -> str:
             inclusive[f] += n
     if not total:
         return "no samples"
-    lines = [f"{total} samples", "", "inclusive (this frame or below):"]
+    lines = [f"{total} samples", "", "by layer (what runs right below the event loop):"]
+    lines += [f"  {n / total * 100:5.1f}%  {name}" for name, n in layers(raw).most_common()]
+    lines += ["", "inclusive (this frame or below):"]
     lines += [f"  {n / total * 100:5.1f}%  {f[:140]}" for f, n in inclusive.most_common(top)]
     lines += ["", "exclusive (in this frame itself):"]
     lines += [f"  {n / total * 100:5.1f}%  {f[:140]}" for f, n in exclusive.most_common(top)]
     return "\n".join(lines)
+
+
+def layers(raw: Path) -> collections.Counter[str]:
+    """Samples per layer: the service's own code, OpenTelemetry, Python called by grpc/asyncio
+    (task scheduling, handler checks), C below the loop (grpc core, uvloop: no Python frame
+    above the loop's), and other threads (the span export thread, the metrics server)."""
+    out: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        loop = next((i for i, f in enumerate(frames) if f.startswith("Runner.run")), None)
+        if loop is None:
+            layer = "other threads"
+        elif loop == len(frames) - 1:
+            layer = "C below the event loop (grpc core and Cython, uvloop)"
+        elif any("opentelemetry/" in f for f in frames[loop + 1:]):
+            layer = "OpenTelemetry (SDK and API)"
+        elif any("authz/" in f for f in frames[loop + 1:]):
+            layer = "the service (authz/)"
+        else:
+            layer = "Python called by grpc or asyncio: " + frames[loop + 1].split(" (")[0]
+        out[layer] += int(count)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="also sample C/C++ frames")
+    ap.add_argument("--nonblocking", action="store_true",
+                    help="sample without pausing the server (stacks may mix moments)")
     ap.add_argument("--out", type=Path, default=RESULTS / "profile")
     args = ap.parse_args(argv)
     spy = find_py_spy()
@@ -134,9 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd = [spy, "record", "--pid", str(server.proc.pid), "--duration",
                    str(int(args.seconds)), "--rate", str(args.rate), "--format", "raw",
                    "--output", f"{base}.txt"]
-            # --native must pause the process to unwind C stacks; otherwise sample without
-            # stopping it (--nonblocking), which disturbs the server least.
-            cmd.append("--native" if args.native else "--nonblocking")
+            # Whole stacks need the process paused for each sample (see the module docstring).
+            if args.native:
+                cmd.append("--native")
+            elif args.nonblocking:
+                cmd.append("--nonblocking")
+            else:
+                cmd.append("--gil")
             spied = subprocess.run(cmd, capture_output=True, text=True, check=False)
             t.join()
             if spied.returncode != 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
+from loadtests import profile
 from loadtests.h2load import H2loadError, parse_output, read_log, write_timing_script
 from loadtests.personas import Cast
 from loadtests.population import Signer, check_request, grpc_frame
@@ -105,3 +106,31 @@ def test_cast_rejects_impossible_shares(signer: Signer) -> None:
         Cast(signer, invalid_share=0.7, over_limit_share=0.5)
     with pytest.raises(ValueError):
         Cast(signer, invalid_share=-0.1, over_limit_share=0.0)
+
+
+# py-spy's raw (collapsed) format: frames root first, then the sample count.
+_LOOP = ("<module> (authz/__main__.py:3);run (uvloop/__init__.py:92);"
+         "Runner.run (asyncio/runners.py:118)")
+_SPAN = "Tracer.start_span (opentelemetry/sdk/trace/__init__.py:1200)"
+PROFILE = f"""\
+{_LOOP} 50
+{_LOOP};AuthorizationService.Check (authz/server/service.py:58) 30
+{_LOOP};CheckFlow.check (authz/server/check_flow.py:135);{_SPAN} 10
+{_LOOP};wait (asyncio/tasks.py:427) 6
+Thread._bootstrap (threading.py:1002);Thread.run (threading.py:982) 4
+"""
+
+
+def test_profile_layers_split_samples_by_what_runs_below_the_loop(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.txt"
+    raw.write_text(PROFILE)
+    assert profile.layers(raw) == {
+        "C below the event loop (grpc core and Cython, uvloop)": 50,
+        "the service (authz/)": 30,
+        "OpenTelemetry (SDK and API)": 10,
+        "Python called by grpc or asyncio: wait": 6,
+        "other threads": 4,
+    }
+    summary = profile.summarize(raw)
+    assert summary.startswith("100 samples")
+    assert "   50.0%  C below the event loop" in summary

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,6 +138,11 @@ def _configure_logging(settings: Settings) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from .service_config import load_service_config
 
+    # SIGHUP ("re-read the quota file") would kill the process by its default action until a
+    # handler is in place: held back (pending, not lost) until then, and in every thread this
+    # process starts. The server (app.serve) and the supervisor (workers.supervise) let it
+    # through once they can act on it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     changes: dict[str, Any] = {}
     if args.grpc_port is not None:
         changes["grpc_port"] = args.grpc_port

@@ -367,6 +367,9 @@ async def serve(settings: Settings, quota: Quota, *,
             # again on every full collection: the per-check garbage is all it has to scan.
             gc.collect()
             gc.freeze()
+            # SIGHUP was held back while starting (cli._serve; a worker starts with it
+            # blocked): a re-read asked for meanwhile happens now, with everything in place.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             if on_serving is not None:
                 on_serving(server)
             await stop_wait

@@ -79,7 +79,13 @@ def supervise(worker_argv: Sequence[str], workers: int, *, grace_s: float,
 
     def spawn(i: int) -> None:
         env = dict(os.environ, AUTHZ_WORKER_INDEX=str(i), **(env_for(i) if env_for else {}))
-        procs[i] = subprocess.Popen([sys.executable, "-m", "authz", *worker_argv], env=env)
+        # A worker starts with SIGHUP blocked (the mask survives exec), so a SIGHUP forwarded
+        # while it is still starting waits for its handler instead of killing it.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            procs[i] = subprocess.Popen([sys.executable, "-m", "authz", *worker_argv], env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         log.info("worker started", extra={"worker": i, "pid": procs[i].pid})
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -101,6 +107,8 @@ def supervise(worker_argv: Sequence[str], workers: int, *, grace_s: float,
     signal.signal(signal.SIGHUP, on_hup)
     for i in range(workers):
         spawn(i)
+    # Held back since `authz serve` began (cli._serve): from here on, forwarded to every worker.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     status = 0
     last_restart = 0.0

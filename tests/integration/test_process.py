@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -416,6 +417,96 @@ def test_sighup_to_the_supervisor_reaches_every_worker(tmp_path: Path, issuer: T
     assert child_pids(p.p.pid) == children  # the same workers, still running
     p.p.send_signal(signal.SIGTERM)
     assert p.p.wait(timeout=20) == 0
+
+
+def _sighup_held_back(pid: int) -> bool:
+    """Whether the process's main thread blocks SIGHUP (keeps it pending)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    blocked = next(int(line.split()[1], 16) for line in status.splitlines()
+                   if line.startswith("SigBlk:"))
+    return bool(blocked & (1 << (signal.SIGHUP - 1)))
+
+
+def _hup_until_serving(p: Proc, also: list[int] | None = None) -> int:
+    """SIGHUP the process (and, once they exist, its children) every 20 ms from the moment
+    `authz serve` holds the signal back (the first ~0.15 s are the interpreter's and the
+    imports', where any Python program dies of it) until it serves: the window where a
+    SIGHUP used to kill a starting server. Returns how many were sent."""
+    sent = 0
+    done = threading.Event()
+    deadline = time.monotonic() + 10
+    while not _sighup_held_back(p.p.pid):
+        assert p.p.poll() is None and time.monotonic() < deadline, "never held SIGHUP back"
+        time.sleep(0.002)
+
+    def hup() -> None:
+        nonlocal sent
+        while not done.is_set() and p.p.poll() is None:
+            p.p.send_signal(signal.SIGHUP)
+            sent += 1
+            if also is not None:
+                for pid in child_pids(p.p.pid):
+                    also.append(pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGHUP)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=hup)
+    t.start()
+    try:
+        p.wait_serving()
+    finally:
+        done.set()
+        t.join()
+    return sent
+
+
+def test_sighup_while_starting_is_kept_for_when_the_server_serves(
+        tmp_path: Path, issuer: TestIssuer, procs: list[Proc]) -> None:
+    quota = tmp_path / "quota.yaml"
+    quota.write_text("default_plan: free\nplans: {free: {limits: [{name: s, rate: 100}], "
+                     "models: {allowed: {}}}}\n")
+    cfg = write_config(tmp_path, issuer)
+    data = yaml.safe_load(cfg.read_text())
+    data["quota_file"] = "quota.yaml"
+    data["quota_reload_interval"] = 0
+    cfg.write_text(yaml.safe_dump(data))
+    p = Proc(["serve", "--config", str(cfg)], data["server"]["grpc_port"])
+    procs.append(p)
+    assert _hup_until_serving(p) > 5
+    time.sleep(0.5)
+    assert p.p.poll() is None, "SIGHUP killed a starting server:\n" + p.output()
+    p.p.send_signal(signal.SIGTERM)
+    assert p.p.wait(timeout=20) == 0
+    out = p.output()
+    # The re-reads asked for while starting happen once it serves (pending signals merge).
+    assert "quota reloaded" in out, out
+
+
+def test_sighup_while_workers_start_kills_none(tmp_path: Path, issuer: TestIssuer,
+                                               procs: list[Proc]) -> None:
+    from tests.support.redis_server import RedisServer
+
+    redis = RedisServer().start()
+    procs.append(redis)  # type: ignore[arg-type]  # stopped by the fixture like the others
+    cfg = write_config(tmp_path, issuer, server={"workers": 2},
+                       store={"redis_url": redis.url})
+    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
+    p = Proc(["serve", "--config", str(cfg)], port)
+    procs.append(p)
+    seen: list[int] = []
+    assert _hup_until_serving(p, also=seen) > 5
+    time.sleep(1.5)  # both workers up (serving means one is), and time for a restart to show
+    assert p.p.poll() is None, "the supervisor died of SIGHUP:\n" + p.output()
+    workers = child_pids(p.p.pid)
+    assert len(workers) == 2 and set(seen) <= set(workers), \
+        f"workers restarted: first {sorted(set(seen))}, now {workers}"
+    p.p.send_signal(signal.SIGTERM)
+    assert p.p.wait(timeout=20) == 0
+    assert "worker died" not in p.output()
 
 
 def test_version_is_the_package_version() -> None:

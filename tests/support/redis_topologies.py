@@ -292,8 +292,15 @@ class RedisSentinels(Running):
         return self
 
     def replica_in_sync(self) -> bool:
+        """The replica's link is up *and* the master lists it in ROLE. The two differ for a
+        moment after a sync (the master counts a replica online once it first acknowledges),
+        and the store reads ROLE to know how many replicas a write can wait for."""
         with self.replica.client() as c:
-            return bool(c.info("replication").get("master_link_status") == "up")
+            if c.info("replication").get("master_link_status") != "up":
+                return False
+        with self.master.client() as c:
+            role = c.execute_command("ROLE")
+        return bool(role and role[0] in (b"master", "master") and len(role[2]) >= 1)
 
     def _sentinel_sees(self, s: RedisServer) -> bool:
         with s.client() as c:

@@ -271,9 +271,8 @@ def test_two_workers_share_the_port_and_restart(tmp_path: Path, issuer: TestIssu
     assert not child_pids(p.p.pid)
 
 
-def _start_two_workers(tmp_path: Path, issuer: TestIssuer,
-                       procs: list[Proc]) -> tuple[Proc, int, list[int]]:
-    """A supervisor with two workers sharing a test Redis; returns it, its port, the pids."""
+def _two_worker_supervisor(tmp_path: Path, issuer: TestIssuer, procs: list[Proc]) -> Proc:
+    """A supervisor of two workers sharing a test Redis, just started (not yet serving)."""
     from tests.support.redis_server import RedisServer
 
     redis = RedisServer().start()
@@ -283,14 +282,23 @@ def _start_two_workers(tmp_path: Path, issuer: TestIssuer,
     port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
     p = Proc(["serve", "--config", str(cfg)], port)
     procs.append(p)
+    return p
+
+
+def _start_two_workers(tmp_path: Path, issuer: TestIssuer,
+                       procs: list[Proc]) -> tuple[Proc, int, list[int]]:
+    """A supervisor with two workers sharing a test Redis; returns it, its port, the pids."""
+    p = _two_worker_supervisor(tmp_path, issuer, procs)
+    port = p.port
     p.wait_serving()
     pids = child_pids(p.p.pid)
     assert len(pids) == 2
     return p, port, pids
 
 
-def test_quota_reload_on_sighup_keeps_old_quota_on_error(tmp_path: Path, issuer: TestIssuer,
-                                                         procs: list[Proc]) -> None:
+def _sighup_only_quota(tmp_path: Path, issuer: TestIssuer) -> tuple[Path, Path, int]:
+    """A config whose quota file (model "allowed" only) is re-read on SIGHUP alone (no
+    polling): the quota file, the config file and the gRPC port."""
     quota = tmp_path / "quota.yaml"
     quota.write_text("default_plan: free\nplans: {free: {limits: [{name: s, rate: 100}], "
                      "models: {allowed: {}}}}\n")
@@ -299,7 +307,12 @@ def test_quota_reload_on_sighup_keeps_old_quota_on_error(tmp_path: Path, issuer:
     data["quota_file"] = "quota.yaml"
     data["quota_reload_interval"] = 0
     cfg.write_text(yaml.safe_dump(data))
-    port = data["server"]["grpc_port"]
+    return quota, cfg, int(data["server"]["grpc_port"])
+
+
+def test_quota_reload_on_sighup_keeps_old_quota_on_error(tmp_path: Path, issuer: TestIssuer,
+                                                         procs: list[Proc]) -> None:
+    quota, cfg, port = _sighup_only_quota(tmp_path, issuer)
     p = Proc(["serve", "--config", str(cfg)], port)
     procs.append(p)
     p.wait_serving()
@@ -466,15 +479,8 @@ def _hup_until_serving(p: Proc, also: list[int] | None = None) -> int:
 
 def test_sighup_while_starting_is_kept_for_when_the_server_serves(
         tmp_path: Path, issuer: TestIssuer, procs: list[Proc]) -> None:
-    quota = tmp_path / "quota.yaml"
-    quota.write_text("default_plan: free\nplans: {free: {limits: [{name: s, rate: 100}], "
-                     "models: {allowed: {}}}}\n")
-    cfg = write_config(tmp_path, issuer)
-    data = yaml.safe_load(cfg.read_text())
-    data["quota_file"] = "quota.yaml"
-    data["quota_reload_interval"] = 0
-    cfg.write_text(yaml.safe_dump(data))
-    p = Proc(["serve", "--config", str(cfg)], data["server"]["grpc_port"])
+    _quota, cfg, port = _sighup_only_quota(tmp_path, issuer)
+    p = Proc(["serve", "--config", str(cfg)], port)
     procs.append(p)
     assert _hup_until_serving(p) > 5
     time.sleep(0.5)
@@ -488,15 +494,7 @@ def test_sighup_while_starting_is_kept_for_when_the_server_serves(
 
 def test_sighup_while_workers_start_kills_none(tmp_path: Path, issuer: TestIssuer,
                                                procs: list[Proc]) -> None:
-    from tests.support.redis_server import RedisServer
-
-    redis = RedisServer().start()
-    procs.append(redis)  # type: ignore[arg-type]  # stopped by the fixture like the others
-    cfg = write_config(tmp_path, issuer, server={"workers": 2},
-                       store={"redis_url": redis.url})
-    port = yaml.safe_load(cfg.read_text())["server"]["grpc_port"]
-    p = Proc(["serve", "--config", str(cfg)], port)
-    procs.append(p)
+    p = _two_worker_supervisor(tmp_path, issuer, procs)
     seen: list[int] = []
     assert _hup_until_serving(p, also=seen) > 5
     time.sleep(1.5)  # both workers up (serving means one is), and time for a restart to show
